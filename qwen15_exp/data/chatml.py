@@ -1,0 +1,125 @@
+"""ChatML conversations -> fixed-length token rows (input_ids, labels) for supervised finetuning.
+
+Default = the seed's `qwen1_5_preprocess.py --dataset_type qa`: each message rendered as
+`<|im_start|>{role}\\n{content}<|im_end|>\\n`, tokenized, cut or right-padded with <|endoftext|> (151643)
+to seq_length+1, labels = input_ids with every pad set to -100. Options:
+- mask_prompt: labels only on assistant answers (content + <|im_end|>), -100 elsewhere;
+- pack: several conversations per row; the first token of each packed conversation gets label -100 so
+  no loss crosses a boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from qwen15_exp.data.tokenizer import IM_END, IM_START, PAD_ID
+
+IGNORE = -100
+
+
+def render_chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The ChatML text and the character spans of assistant answers (content + <|im_end|>)."""
+    parts, answer_spans, pos = [], [], 0
+    for m in messages:
+        head = f"{IM_START}{m['role']}\n"
+        body = f"{m['content']}{IM_END}"
+        if m["role"] == "assistant":
+            answer_spans.append((pos + len(head), pos + len(head) + len(body)))
+        piece = head + body + "\n"
+        parts.append(piece)
+        pos += len(piece)
+    return "".join(parts), answer_spans
+
+
+def answer_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """True for tokens that start inside an answer span."""
+    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+    mask = np.zeros(len(offsets), dtype=bool)
+    for a, b in spans:
+        mask |= (starts >= a) & (starts < b)
+    return mask
+
+
+@dataclass
+class RowStats:
+    conversations: int = 0
+    rows: int = 0
+    tokens: int = 0            # real (non-pad) tokens written
+    truncated: int = 0         # conversations cut at seq_length+1
+    padding: int = 0           # pad positions written
+    trained: int = 0           # positions with a label other than -100
+    positions: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padding / self.positions if self.positions else 0.0
+
+
+def tokenize_conversations(tokenizer, conversations: Iterable[list[dict]], mask_prompt: bool,
+                           batch: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, labels) per conversation, unpadded; tokenizes in batches (the Rust tokenizer is parallel)."""
+    buf: list[tuple[str, list]] = []
+
+    def flush():
+        encs = tokenizer.encode_batch([t for t, _ in buf], add_special_tokens=False)
+        for enc, (_, spans) in zip(encs, buf):
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            if mask_prompt:
+                labels = np.where(answer_mask(enc.offsets, spans), ids, IGNORE).astype(np.int32)
+            else:
+                labels = ids.copy()
+            yield ids, labels
+        buf.clear()
+
+    for msgs in conversations:
+        buf.append(render_chatml(msgs))
+        if len(buf) >= batch:
+            yield from flush()
+    if buf:
+        yield from flush()
+
+
+def _finish_row(ids: np.ndarray, labels: np.ndarray, width: int, stats: RowStats) -> dict:
+    n = len(ids)
+    row_ids = np.full(width, PAD_ID, dtype=np.int32)
+    row_labels = np.full(width, IGNORE, dtype=np.int32)
+    row_ids[:n] = ids
+    row_labels[:n] = labels
+    row_labels[row_ids == PAD_ID] = IGNORE     # the recipe's rule: every <|endoftext|> is ignored
+    stats.rows += 1
+    stats.tokens += n
+    stats.padding += width - n
+    stats.positions += width
+    stats.trained += int((row_labels[1:] != IGNORE).sum())
+    return {"input_ids": row_ids, "labels": row_labels}
+
+
+def rows_from_tokens(tokenized: Iterable[tuple[np.ndarray, np.ndarray]], seq_length: int, pack: bool,
+                     stats: RowStats) -> Iterator[dict]:
+    """Rows of seq_length+1 tokens: one conversation each, or greedily packed."""
+    width = seq_length + 1
+    cur_ids: list[np.ndarray] = []
+    cur_labels: list[np.ndarray] = []
+    used = 0
+    for ids, labels in tokenized:
+        stats.conversations += 1
+        if len(ids) > width:
+            stats.truncated += 1
+            ids, labels = ids[:width], labels[:width]
+        if not pack:
+            yield _finish_row(ids, labels, width, stats)
+            continue
+        if used + len(ids) > width and cur_ids:
+            yield _finish_row(np.concatenate(cur_ids), np.concatenate(cur_labels), width, stats)
+            cur_ids, cur_labels, used = [], [], 0
+        if cur_ids:                       # no loss across the boundary into this conversation
+            labels = labels.copy()
+            labels[0] = IGNORE
+        cur_ids.append(ids)
+        cur_labels.append(labels)
+        used += len(ids)
+    if cur_ids:
+        yield _finish_row(np.concatenate(cur_ids), np.concatenate(cur_labels), width, stats)

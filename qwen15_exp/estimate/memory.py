@@ -1,0 +1,164 @@
+"""Per-device memory estimate of a run (bytes), from first principles.
+
+Parameters count exactly as MindFormers' LlamaForCausalLM builds them (q/k/v bias, grouped KV heads,
+tied embeddings). Training state: weights in param_init dtype, gradients in the same dtype, AdamW's two
+fp32 moments; tensor parallel shards the layer weights by mp and the embedding/lm_head by mp unless
+vocab_emb_dp; pipeline stages hold their own layers (with offsets); the parallel optimizer shards
+optimizer state by dp. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models"): per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, divided by t with sequence
+parallel, the 5as/h score term gone under flash attention, 2sbh per layer under full recompute; a
+pipeline's first stage keeps pp micro-batches in flight.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GB = 2**30
+
+
+def head_dim(model) -> int:
+    return model.hidden_size // model.num_heads
+
+
+def kv_heads(model) -> int:
+    return model.n_kv_heads or model.num_heads
+
+
+def layer_params(model) -> int:
+    h, f = model.hidden_size, model.intermediate_size
+    kv = kv_heads(model) * head_dim(model)
+    bias = h + 2 * kv if model.qkv_has_bias else 0
+    attention = h * h + 2 * h * kv + h * h + bias
+    mlp = 3 * h * f
+    norms = 2 * h
+    return attention + mlp + norms
+
+
+def embedding_params(model) -> int:
+    return model.vocab_size * model.hidden_size
+
+
+def total_params(model) -> int:
+    lm_head = 0 if model.tie_word_embeddings else embedding_params(model)
+    return embedding_params(model) + model.num_layers * layer_params(model) + model.hidden_size + lm_head
+
+
+def stage_layers(num_layers: int, pp: int, offset) -> list[int]:
+    """Layers per pipeline stage: an even split plus MindFormers' offset (int or one entry per stage)."""
+    base = [num_layers // pp] * pp
+    for i in range(num_layers % pp):              # MindFormers puts the remainder on the last stages
+        base[pp - 1 - i] += 1
+    if isinstance(offset, (list, tuple)):
+        return [b + int(o) for b, o in zip(base, offset)]
+    return [b + int(offset or 0) for b in base]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params_per_device: int
+    weights_gb: float
+    gradients_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    kv_cache_gb: float
+    total_gb: float
+    budget_gb: float
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gb <= 0 or self.total_gb <= self.budget_gb
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["fits"] = self.fits
+        return d
+
+
+def parse_gb(text: str) -> float:
+    """'58GB' -> 58.0; '' -> 0."""
+    if not text:
+        return 0.0
+    t = str(text).strip().upper().replace(" ", "")
+    for unit, scale in (("GB", 1.0), ("G", 1.0), ("MB", 1 / 1024), ("TB", 1024.0)):
+        if t.endswith(unit):
+            return float(t[: -len(unit)]) * scale
+    return float(t)
+
+
+def params_per_device(exp) -> int:
+    m, p = exp.model, exp.parallel
+    layers = max(stage_layers(m.num_layers, p.pipeline_stage, p.offset))
+    layer_w = layers * layer_params(m) / p.model_parallel
+    emb_shard = 1 if p.vocab_emb_dp else p.model_parallel
+    emb = embedding_params(m) / emb_shard
+    # the embedding sits on the first stage, lm_head on the last; with one stage both are here
+    heads = emb if (m.tie_word_embeddings or p.pipeline_stage > 1) else 2 * emb
+    return int(layer_w + heads + m.hidden_size)
+
+
+def activation_bytes(exp, dtype_bytes: int) -> float:
+    m, p, ph = exp.model, exp.parallel, exp.phase
+    s, b, h, a = exp.data.seq_length, ph.batch_size, m.hidden_size, m.num_heads
+    t = p.model_parallel
+    layers = max(stage_layers(m.num_layers, p.pipeline_stage, p.offset))
+    scale = dtype_bytes / 2                        # the formula counts 16-bit activations
+    rc = ph.recompute
+    if rc.recompute:
+        per_layer = 2 * s * b * h * scale / (t if p.use_seq_parallel else 1)
+    else:
+        score = 0 if (ph.use_flash_attention and exp.hardware.supports.flash_attention) else 5 * a * s / h
+        if rc.select_recompute:
+            score = 0
+        per_layer = s * b * h * (34 + score) * scale
+        per_layer /= t if p.use_seq_parallel else 1
+        if not p.use_seq_parallel and t > 1:       # only the tensor-parallel part is split
+            per_layer = s * b * h * (10 + 24 / t + score / t) * scale
+    in_flight = min(p.pipeline_stage, p.micro_batch_num) if p.pipeline_stage > 1 else 1
+    logits = 4 * s * b * m.vocab_size / (1 if p.vocab_emb_dp else t)   # fp32 logits for the loss
+    return per_layer * layers * in_flight + logits
+
+
+def kv_cache_bytes(exp, dtype_bytes: int) -> float:
+    m, g = exp.model, exp.phase.generation
+    tokens = g.num_blocks * g.block_size if g.use_past else 0
+    return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / exp.parallel.model_parallel
+
+
+def effective_dtype(exp, name: str) -> str:
+    """A precision as the target hardware will run it (CPU: everything fp32)."""
+    dt = getattr(exp.phase.precision, name)
+    sup = exp.hardware.supports
+    if (dt == "bfloat16" and not sup.bfloat16) or (dt == "float16" and not sup.float16):
+        return "float32"
+    return dt
+
+
+def estimate_memory(exp) -> MemoryEstimate:
+    ph, p = exp.phase, exp.parallel
+    n = params_per_device(exp)
+    w_bytes = DTYPE_BYTES[effective_dtype(exp, "param_init")]
+    act_bytes = DTYPE_BYTES[effective_dtype(exp, "compute")]
+    weights = n * w_bytes
+    training = ph.run_mode != "predict"
+    grads = n * w_bytes if training else 0
+    opt_shard = p.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
+    optimizer = n * 8 / opt_shard if training else 0
+    acts = activation_bytes(exp, act_bytes) if training else 0
+    kv = kv_cache_bytes(exp, act_bytes) if not training else 0
+    if not training:                                # prefill of one sequence, no stored activations
+        acts = 4 * exp.data.seq_length * exp.model.vocab_size / p.model_parallel
+    total = weights + grads + optimizer + acts + kv
+    budget = parse_gb(exp.hardware.max_device_memory) or exp.hardware.device_memory_gb
+    return MemoryEstimate(
+        params_per_device=n, weights_gb=weights / GB, gradients_gb=grads / GB, optimizer_gb=optimizer / GB,
+        activations_gb=acts / GB, kv_cache_gb=kv / GB, total_gb=total / GB, budget_gb=float(budget))
+
+
+def cpu_training_bytes(exp) -> float:
+    """Bytes one CPU worker needs for this run in fp32 (used to decide hardware=auto)."""
+    from copy import deepcopy
+    from qwen15_exp.schema import Supports
+    probe = deepcopy(exp)
+    probe.hardware.supports = Supports(bfloat16=False, float16=False, flash_attention=False)
+    return estimate_memory(probe).total_gb * GB

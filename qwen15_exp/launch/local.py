@@ -1,0 +1,73 @@
+"""Launch step, in process: the calls run_mindformer.py makes, on the written mindformers.yaml.
+
+Only this package (launch/) imports MindSpore and MindFormers. MindFormers picks its output and log
+folders when it is first imported, so the environment is set before that import, and the working
+directory is the run dir while it runs (MindSpore drops rank_*/ and kernel_meta/ folders into it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from pathlib import Path
+
+
+def mindformers_env(run_dir: Path) -> dict:
+    out = Path(run_dir) / "output"
+    return {"LOCAL_DEFAULT_PATH": str(out), "LOG_MF_PATH": str(out / "log")}
+
+
+@contextlib.contextmanager
+def inside(run_dir: Path, env: dict):
+    old_cwd, old_env = os.getcwd(), {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.chdir(run_dir)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_mindformers(yaml_path: Path, callbacks=None, predict_data=None, max_length=None):
+    """MindFormerConfig -> set_output_path -> build_context -> Trainer(config).train() / .predict()."""
+    from mindformers.core.context import build_context
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers.trainer import Trainer
+    from mindformers.utils.file_utils import set_output_path
+
+    import qwen15_exp.mindformers_ext  # noqa: F401  (registers CPUTrainOneStepCell)
+
+    config = MindFormerConfig(str(yaml_path))
+    set_output_path(config.output_dir)
+    build_context(config)
+    trainer = Trainer(config, callbacks=callbacks)
+    if config.run_mode == "predict":
+        return trainer.predict(input_data=predict_data, max_length=max_length)
+    # run_mindformer.py calls train() for both train and finetune; finetune() would drop load_checkpoint
+    return trainer.train()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_local(plan, yaml_path: Path, process_t0: float) -> dict:
+    """Train in this process; return the measured figures."""
+    from qwen15_exp.result import measured_figures
+
+    with inside(plan.run_dir, {**mindformers_env(plan.run_dir), **plan.env}):
+        from qwen15_exp.mindformers_ext import StepRecorder
+        recorder = StepRecorder()
+        t_call = time.perf_counter()
+        run_mindformers(yaml_path, callbacks=[recorder])
+        t_end = time.perf_counter()
+    return measured_figures(
+        losses=recorder.losses, step_times=recorder.step_times(), tokens_per_step=plan.tokens_per_step,
+        devices=plan.devices, first_step_s=(recorder.step_end_unix[0] - process_t0) if recorder.step_end_unix
+        else None, train_call_s=t_end - t_call, peak_rss_mb=peak_rss_mb())

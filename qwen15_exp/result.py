@@ -1,0 +1,68 @@
+"""Result step: what one run measured and estimated, as result.json, plus its one-screen summary."""
+from __future__ import annotations
+
+import platform
+import statistics
+from importlib import metadata
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("qwen15_exp", "mindspore", "mindformers", "hydra-core", "omegaconf", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def measured_figures(losses, step_times, tokens_per_step, devices, first_step_s, train_call_s,
+                     peak_rss_mb) -> dict:
+    """Steady figures leave out the first step (graph compile and dataset start)."""
+    steady = step_times[1:] if len(step_times) > 1 else step_times
+    step_s = statistics.median(steady) if steady else None
+    tokens_per_s = tokens_per_step / step_s if step_s else None
+    k = max(1, min(5, len(losses) // 4))
+    return {
+        "steps": len(losses),
+        "loss": [round(x, 6) for x in losses],
+        "step_times_s": step_times,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "loss_decreased": bool(losses) and statistics.fmean(losses[-k:]) < statistics.fmean(losses[:k]),
+        "time_to_first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
+        "steady_step_s": round(step_s, 6) if step_s else None,
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "tokens_per_s_per_device": round(tokens_per_s / devices, 1) if tokens_per_s else None,
+        "train_call_s": round(train_call_s, 3),
+        "peak_rss_mb": round(peak_rss_mb, 1),
+    }
+
+
+def summary_text(result: dict) -> str:
+    """One screen: what ran, on what, and what came out."""
+    p, m = result["plan"], result.get("measured") or {}
+    mem = p["memory"]
+    lines = [
+        f"qwen15_exp  {result['experiment']}  [{result['status']}]",
+        f"  model {result['model']}  phase {result['phase']}  parallel {result['parallel']}  "
+        f"hardware {result['hardware']}",
+        f"  devices {p['devices']} = {p['nodes']} node(s) x up to {p['devices_per_node']}   "
+        f"global batch {p['global_batch']}   tokens/step {p['tokens_per_step']:,}",
+        f"  parameters {p['params_total']:,}  ({mem['params_per_device']:,} per device)   memory/device "
+        f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({'fits' if mem['fits'] else 'OVER'})",
+        f"  launcher {p['launcher']}: {p['why']}",
+    ]
+    for a in p.get("adaptations", []):
+        lines.append(f"  adapted: {a}")
+    if m:
+        lines.append(f"  steps {m['steps']}   loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}"
+                     f" ({'down' if m['loss_decreased'] else 'NOT down'})")
+        if m.get("tokens_per_s"):
+            lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s   "
+                         f"first step at {m['time_to_first_step_s']:.1f} s   wall {result['wall_time_s']:.1f} s")
+    if result.get("generated"):
+        for g in result["generated"]:
+            lines.append(f"  > {g['prompt']!r} -> {g['text']!r}")
+    lines.append(f"  files: {result['run_dir']}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""One run, straight through: compose -> validate -> (data) -> plan -> launch -> result."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from qwen15_exp import compose
+from qwen15_exp.errors import UserError
+from qwen15_exp.io import write_json, write_text
+from qwen15_exp.plan import Dataset, make_plan
+from qwen15_exp.result import summary_text, versions
+from qwen15_exp.validate import format_problems, validate
+
+
+class InvalidExperiment(UserError):
+    def __init__(self, problems):
+        self.problems = problems
+        super().__init__(format_problems(problems))
+
+
+def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
+    """The MindRecord the run trains on: a raw file prepared (and cached), or a given MindRecord."""
+    if exp.phase.run_mode == "predict" or exp.data.format == "none":
+        return None
+    if exp.data.format == "mindrecord":
+        from qwen15_exp.data.mindrecord import inspect_mindrecord
+        folder, columns, rows = inspect_mindrecord(Path(exp.data.input))
+        return Dataset(str(folder), tuple(columns), rows)
+    from qwen15_exp.data.prepare import prepare
+    prepared = prepare(exp.data, exp.data.seq_length, show_progress=show_progress)
+    return Dataset(str(prepared.folder), tuple(prepared.summary["columns"]), prepared.rows)
+
+
+def dump_yaml(obj) -> str:
+    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
+
+
+def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> dict:
+    t0 = time.time()
+    exp = compose.to_experiment(cfg)
+    problems = validate(exp)
+    if problems:
+        raise InvalidExperiment(problems)
+    run_dir = Path(run_dir)
+    from qwen15_exp.plan import choose_launcher
+    _, executes, _ = choose_launcher(exp)
+    dataset = prepare_dataset(exp, show_progress) if executes else None
+    plan = make_plan(exp, run_dir, dataset)
+    yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
+    write_json(run_dir / "plan.json", plan.summary())
+    result = {
+        "status": "planned", "experiment": exp.experiment_name, "model": exp.model.name,
+        "phase": exp.phase.name, "parallel": exp.parallel.name, "hardware": exp.hardware.name,
+        "run_dir": str(run_dir), "plan": plan.summary(), "data": asdict(dataset) if dataset else None,
+        "reference": dict(exp.reference), "versions": versions(), "measured": None,
+    }
+    if plan.launcher == "local":
+        from qwen15_exp.launch.local import run_local
+        result["measured"] = run_local(plan, yaml_path, process_t0)
+        result["status"] = "ok"
+    elif plan.launcher == "msrun":
+        from qwen15_exp.launch.msrun import run_msrun
+        result["measured"] = run_msrun(plan, exp, yaml_path, process_t0)
+        result["status"] = "ok"
+    result["wall_time_s"] = round(time.time() - t0, 3)
+    write_json(run_dir / "result.json", result)
+    print(summary_text(result), flush=True)
+    return result

@@ -1,0 +1,251 @@
+"""Typed schemas of the config groups, registered in Hydra's ConfigStore.
+
+Every group file names its schema in its defaults list (`- /schema/model@_here_`), so a misspelt key or
+a wrong type fails at compose time with Hydra's own message. Semantic checks live in validate.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+DTYPES = ("float32", "float16", "bfloat16")
+RUN_MODES = ("train", "finetune", "predict")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one Qwen1.5 size (MindFormers LlamaConfig terms)."""
+    name: str = MISSING
+    hf_repo: str = ""                      # where the weights come from, for the user's information
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    n_kv_heads: Optional[int] = None       # None = multi-head attention (every size but 32B)
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING              # padded: 151936 up to 7B, 152064 from 14B
+    rms_norm_eps: float = 1.0e-6
+    chat_rms_norm_eps: Optional[float] = None  # 72B: base weights 1e-5, chat weights 1e-6
+    theta: float = 1.0e6
+    tie_word_embeddings: bool = False
+    qkv_has_bias: bool = True
+    max_position_embedding: int = 32768
+    seq_length: int = 2048                 # default sequence length for this size (data.seq_length)
+    learning_rate: float = 1.0e-6          # default learning rate for this size (phase.lr_schedule)
+    trainer_model_name: str = "qwen1_5"    # trainer.model_name in the MindFormers config
+    pad_token_id: int = 151643
+    eos_token_id: int = 151643
+
+
+@dataclass
+class ParallelConfig:
+    """How one run is spread over devices (MindFormers parallel_config + auto-parallel context)."""
+    name: str = MISSING
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    context_parallel: int = 1
+    micro_batch_num: int = 1
+    vocab_emb_dp: bool = True
+    gradient_aggregation_group: int = 4
+    use_seq_parallel: bool = False
+    optimizer_shard: Optional[bool] = None        # parallel_config.optimizer_shard; None = key not written
+    enable_parallel_optimizer: bool = False        # parallel.enable_parallel_optimizer
+    parallel_optimizer_threshold: int = 64
+    micro_batch_interleave_num: int = 1
+    fine_grain_interleave: int = 1
+    offset: Any = 0                                # int, or a list with one entry per pipeline stage
+    nodes: Optional[int] = None                    # None: derived from devices / devices_per_node
+
+
+@dataclass
+class Precision:
+    compute: str = "bfloat16"
+    param_init: str = "float32"
+    softmax: str = "float32"
+    rotary: str = "float32"
+    layernorm: str = "float32"
+
+
+@dataclass
+class Optimizer:
+    type: str = "AdamW"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.01
+
+
+@dataclass
+class LRSchedule:
+    type: str = "CosineWithWarmUpLR"
+    learning_rate: float = 1.0e-6
+    lr_end: Optional[float] = None
+    warmup_ratio: float = 0.0
+    total_steps: int = -1                 # -1: MindFormers derives it from the dataset
+
+
+@dataclass
+class LossScale:
+    kind: str = "dynamic"                 # dynamic | static | none
+    value: float = 4096.0
+    factor: int = 2
+    window: int = 1000
+
+
+@dataclass
+class Recompute:
+    recompute: bool = False
+    select_recompute: bool = False
+    parallel_optimizer_comm_recompute: bool = False
+    mp_comm_recompute: bool = False
+    recompute_slice_activation: bool = False
+
+
+@dataclass
+class Checkpointing:
+    prefix: str = "qwen2"
+    save_steps: int = 5000
+    keep_max: int = 1
+    format: str = "ckpt"                  # ckpt | safetensors
+
+
+@dataclass
+class Generation:
+    use_past: bool = False
+    is_dynamic: bool = False
+    block_size: int = 32
+    num_blocks: int = 128
+    max_decode_length: int = 512
+    max_new_tokens: Optional[int] = None
+    top_k: int = 0
+    top_p: float = 0.8
+    do_sample: bool = False
+    temperature: Optional[float] = None
+    repetition_penalty: float = 1.0
+    eos_token_id: List[int] = field(default_factory=lambda: [151643])
+    bos_token_id: Optional[int] = None
+
+
+@dataclass
+class PhaseConfig:
+    """What the run does: pretrain, finetune or predict (chat = predict + the ChatML template)."""
+    name: str = MISSING
+    run_mode: str = MISSING               # MindFormers run_mode: train | finetune | predict
+    chat: bool = False
+    seed: int = 42
+    batch_size: int = 1                   # runner_config.batch_size: per data-parallel rank, per micro batch
+    epochs: int = 1
+    max_steps: Optional[int] = None       # stop after this many steps (None: run every epoch)
+    gradient_accumulation_steps: int = 1
+    sink_mode: bool = True
+    precision: Precision = field(default_factory=Precision)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    loss_scale: LossScale = field(default_factory=LossScale)
+    use_clip_grad: bool = True
+    max_grad_norm: Optional[float] = None
+    recompute: Recompute = field(default_factory=Recompute)
+    checkpoint: Checkpointing = field(default_factory=Checkpointing)
+    generation: Generation = field(default_factory=Generation)
+    use_flash_attention: bool = True
+    load_checkpoint: str = ""             # a MindFormers checkpoint file or rank_* folder
+    auto_trans_ckpt: bool = False
+    predict_data: List[str] = field(default_factory=list)
+    system_prompt: str = "You are a helpful assistant."
+
+
+@dataclass
+class Supports:
+    """What a device can execute; plan.py adapts a run to it and says so."""
+    bfloat16: bool = True
+    float16: bool = True
+    flash_attention: bool = True
+    fused_rms_norm: bool = True
+    sink_mode: bool = True
+    semi_auto_parallel: bool = True       # model / pipeline parallel
+    kv_cache: bool = True                 # use_past (incremental decoding)
+    npu_overflow_status: bool = True      # MFTrainOneStepCell's overflow check
+    lazy_inline: bool = True
+
+
+@dataclass
+class HardwareConfig:
+    """The target hardware. cpu executes here; an Ascend profile executes where NPUs are, else plans."""
+    name: str = MISSING
+    description: str = ""
+    device_target: str = MISSING          # CPU | Ascend ('auto' only in the auto profile)
+    devices_per_node: int = 1
+    device_memory_gb: float = 0.0         # HBM per device (host RAM for cpu)
+    max_device_memory: str = ""           # context.max_device_memory (the budget MindSpore may use)
+    peak_tflops: Dict[str, float] = field(default_factory=dict)   # by dtype
+    hbm_bandwidth_gbs: float = 0.0
+    intra_node_bandwidth_gbs: float = 0.0
+    inter_node_bandwidth_gbs: float = 0.0
+    max_dataset_workers: Optional[int] = None    # cap on train_dataset.num_parallel_workers
+    jit_level: str = "O1"
+    mode: int = 0                         # 0 GRAPH, 1 PYNATIVE
+    context: Dict[str, Any] = field(default_factory=dict)        # extra context keys
+    env: Dict[str, str] = field(default_factory=dict)
+    supports: Supports = field(default_factory=Supports)
+    sources: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Training data: a raw alpaca / chatml / wikitext file prepared on the fly, or a ready MindRecord."""
+    name: str = MISSING
+    format: str = MISSING                 # alpaca | chatml | wiki | mindrecord | none
+    input: str = ""                       # a file (raw formats) or a .mindrecord file / folder
+    seq_length: int = MISSING
+    tokenizer_dir: str = ""               # folder with vocab.json + merges.txt; "" = the shipped real files
+    system_prompt: str = "You are a helpful assistant."
+    mask_prompt: bool = False             # train on answers only
+    pack: bool = False                    # several conversations per row
+    eod_between_docs: bool = False        # wiki: <|endoftext|> between articles
+    repeat: int = 1
+    file_partition: int = 1
+    shuffle: bool = False
+    num_parallel_workers: int = 8
+    cache_dir: str = ""                   # "" = ~/.cache/qwen15_exp/data
+
+
+@dataclass
+class LaunchConfig:
+    """Where and how the run starts."""
+    mode: str = "auto"                    # auto | local | msrun | plan
+    master_addr: str = "127.0.0.1"
+    master_port: int = 8118
+    cluster_time_out: int = 7200
+    join: bool = False
+    node_rank: Optional[int] = None       # set on a cluster node to run that node's share
+
+
+@dataclass
+class Experiment:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    phase: PhaseConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    data: DataConfig = MISSING
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    experiment_name: str = "default"
+    reference: Dict[str, Any] = field(default_factory=dict)   # published figure for this run, if any
+    mindformers: Dict[str, Any] = field(default_factory=dict)  # raw MindFormers keys, merged last
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "phase": PhaseConfig,
+    "hardware": HardwareConfig,
+    "data": DataConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="experiment_schema", node=Experiment)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group="schema", name=group, node=schema)

@@ -1,0 +1,231 @@
+"""Validate step: every semantic problem of an Experiment, collected before anything runs.
+
+Each problem names the group, the key, the values involved and a fix. Pure: imports nothing heavy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen15_exp.estimate.memory import estimate_memory, kv_heads, stage_layers
+from qwen15_exp.schema import DTYPES, RUN_MODES
+
+DATA_FORMATS = ("alpaca", "chatml", "wiki", "mindrecord", "none")
+LAUNCH_MODES = ("auto", "local", "msrun", "plan")
+
+
+@dataclass(frozen=True)
+class Problem:
+    group: str
+    key: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"[{self.group}] {self.key}: {self.message}\n    fix: {self.fix}"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def devices(exp) -> int:
+    p = exp.parallel
+    return p.data_parallel * p.model_parallel * p.pipeline_stage * p.context_parallel
+
+
+def nodes(exp) -> int:
+    if exp.parallel.nodes:
+        return exp.parallel.nodes
+    per_node = max(1, exp.hardware.devices_per_node)
+    return max(1, -(-devices(exp) // per_node))
+
+
+def check_choices(exp) -> list[Problem]:
+    out = []
+    if exp.phase.run_mode not in RUN_MODES:
+        out.append(Problem("phase", "phase.run_mode", f"{exp.phase.run_mode!r} is not a MindFormers run mode",
+                           f"use one of {', '.join(RUN_MODES)}"))
+    for name in ("compute", "param_init", "softmax", "rotary", "layernorm"):
+        dt = getattr(exp.phase.precision, name)
+        if dt not in DTYPES:
+            out.append(Problem("phase", f"phase.precision.{name}", f"{dt!r} is not a dtype",
+                               f"use one of {', '.join(DTYPES)}"))
+    if exp.data.format not in DATA_FORMATS:
+        out.append(Problem("data", "data.format", f"{exp.data.format!r} is not a data format",
+                           f"use one of {', '.join(DATA_FORMATS)}"))
+    if exp.launch.mode not in LAUNCH_MODES:
+        out.append(Problem("launch", "launch.mode", f"{exp.launch.mode!r} is not a launch mode",
+                           f"use one of {', '.join(LAUNCH_MODES)}"))
+    if exp.hardware.device_target not in ("CPU", "Ascend"):
+        out.append(Problem("hardware", "hardware.device_target",
+                           f"{exp.hardware.device_target!r} is not a MindSpore device target here",
+                           "use CPU or Ascend"))
+    for key in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel", "micro_batch_num",
+                "micro_batch_interleave_num", "gradient_aggregation_group"):
+        v = getattr(exp.parallel, key)
+        if v < 1:
+            out.append(Problem("parallel", f"parallel.{key}", f"is {v}, must be at least 1", f"set parallel.{key}=1"))
+    for key in ("batch_size", "epochs"):
+        v = getattr(exp.phase, key)
+        if v < 1:
+            out.append(Problem("phase", f"phase.{key}", f"is {v}, must be at least 1", f"set phase.{key}=1"))
+    if exp.data.seq_length < 1:
+        out.append(Problem("data", "data.seq_length", f"is {exp.data.seq_length}", "use a positive length"))
+    return out
+
+
+def check_devices(exp) -> list[Problem]:
+    p, hw = exp.parallel, exp.hardware
+    n_dev, per_node = devices(exp), hw.devices_per_node
+    terms = (f"data_parallel={p.data_parallel} x model_parallel={p.model_parallel} x "
+             f"pipeline_stage={p.pipeline_stage}" + (f" x context_parallel={p.context_parallel}"
+                                                      if p.context_parallel > 1 else ""))
+    out = []
+    if p.nodes:
+        if p.nodes * per_node < n_dev or (n_dev > per_node and p.nodes * per_node != n_dev):
+            out.append(Problem(
+                "parallel", "parallel.nodes",
+                f"{terms} = {n_dev} devices, but nodes={p.nodes} x devices_per_node={per_node} of "
+                f"hardware {hw.name} = {p.nodes * per_node}",
+                f"set parallel.nodes={max(1, -(-n_dev // per_node))} or change the degrees so their product "
+                f"is {p.nodes * per_node}"))
+    elif n_dev > per_node and n_dev % per_node:
+        out.append(Problem(
+            "parallel", "parallel.data_parallel",
+            f"{terms} = {n_dev} devices does not fill whole nodes of {per_node} ({hw.name})",
+            f"use a device count that is a multiple of {per_node}, e.g. data_parallel="
+            f"{max(1, (n_dev // per_node + 1) * per_node // (p.model_parallel * p.pipeline_stage))}"))
+    if hw.device_target == "CPU":
+        if p.model_parallel > 1 or p.pipeline_stage > 1 or p.context_parallel > 1:
+            out.append(Problem(
+                "parallel", "parallel.model_parallel",
+                f"{terms}: model/pipeline/context parallel needs semi-auto parallel, which MindSpore does not "
+                "run on CPU ('Invalid backend: CPU')",
+                f"on CPU use data parallel only (parallel=single or parallel=dp2), or plan it for Ascend with "
+                f"hardware=atlas_800t_a2"))
+        if n_dev > per_node:
+            out.append(Problem(
+                "parallel", "parallel.data_parallel",
+                f"data_parallel={p.data_parallel} CPU workers on a machine with {per_node} cores",
+                f"use at most data_parallel={per_node} on this CPU"))
+    return out
+
+
+def check_model_vs_parallel(exp) -> list[Problem]:
+    m, p = exp.model, exp.parallel
+    mp, out = p.model_parallel, []
+    ok_mp = [d for d in divisors(m.num_heads) if kv_heads(m) % d == 0]
+    if m.hidden_size % m.num_heads:
+        out.append(Problem("model", "model.hidden_size",
+                           f"hidden_size={m.hidden_size} is not divisible by num_heads={m.num_heads}",
+                           "use a hidden_size that is a multiple of num_heads"))
+    if m.num_heads % mp:
+        out.append(Problem(
+            "parallel", "parallel.model_parallel",
+            f"num_heads={m.num_heads} of model {m.name} is not divisible by model_parallel={mp}",
+            f"use a model_parallel that divides the heads: one of {ok_mp} (e.g. parallel=mp{max(ok_mp)} "
+            f"or parallel.model_parallel={max(d for d in ok_mp if d <= max(mp, 1))})"))
+    elif kv_heads(m) % mp:
+        out.append(Problem(
+            "parallel", "parallel.model_parallel",
+            f"n_kv_heads={kv_heads(m)} of model {m.name} (grouped-query attention) is not divisible by "
+            f"model_parallel={mp}",
+            f"use a model_parallel that divides both num_heads={m.num_heads} and n_kv_heads={kv_heads(m)}: "
+            f"one of {ok_mp}"))
+    if m.intermediate_size % mp:
+        out.append(Problem("parallel", "parallel.model_parallel",
+                           f"intermediate_size={m.intermediate_size} is not divisible by model_parallel={mp}",
+                           f"use a model_parallel in {[d for d in ok_mp if m.intermediate_size % d == 0]}"))
+    if not p.vocab_emb_dp and m.vocab_size % mp:
+        out.append(Problem(
+            "parallel", "parallel.vocab_emb_dp",
+            f"vocab_size={m.vocab_size} is not divisible by model_parallel={mp} and the embedding is "
+            f"sharded (vocab_emb_dp=false)",
+            "set parallel.vocab_emb_dp=true or use a model_parallel that divides the vocabulary"))
+    pp = p.pipeline_stage
+    if pp > 1:
+        if isinstance(p.offset, (list, tuple)) and len(p.offset) != pp:
+            out.append(Problem(
+                "parallel", "parallel.offset",
+                f"offset has {len(p.offset)} entries {list(p.offset)} but pipeline_stage={pp}",
+                f"give one offset per stage (summing to 0), e.g. parallel.offset=[{','.join(['0'] * pp)}]"))
+        elif m.num_layers < pp:
+            out.append(Problem("parallel", "parallel.pipeline_stage",
+                               f"pipeline_stage={pp} is more than num_layers={m.num_layers} of model {m.name}",
+                               f"use at most {m.num_layers} stages"))
+        else:
+            layers = stage_layers(m.num_layers, pp, p.offset)
+            if sum(layers) != m.num_layers or min(layers) < 1:
+                out.append(Problem(
+                    "parallel", "parallel.offset",
+                    f"num_layers={m.num_layers} over pipeline_stage={pp} with offset={p.offset} gives stages "
+                    f"of {layers} layers (sum {sum(layers)})",
+                    "choose offsets that sum to 0 and leave every stage at least one layer"))
+        if p.micro_batch_num < pp:
+            out.append(Problem(
+                "parallel", "parallel.micro_batch_num",
+                f"micro_batch_num={p.micro_batch_num} is less than pipeline_stage={pp}: stages would idle",
+                f"use micro_batch_num >= {pp} (recipes use 4-16x the stage count, e.g. {4 * pp})"))
+    if exp.data.seq_length > m.max_position_embedding:
+        out.append(Problem("data", "data.seq_length",
+                           f"seq_length={exp.data.seq_length} is above max_position_embedding="
+                           f"{m.max_position_embedding} of model {m.name}",
+                           f"use data.seq_length <= {m.max_position_embedding}"))
+    if p.use_seq_parallel and mp > 1 and exp.data.seq_length % mp:
+        out.append(Problem("data", "data.seq_length",
+                           f"sequence parallel splits seq_length={exp.data.seq_length} over model_parallel={mp}",
+                           f"use a seq_length divisible by {mp}"))
+    return out
+
+
+def check_memory(exp) -> list[Problem]:
+    est = estimate_memory(exp)
+    if est.fits:
+        return []
+    m, p = exp.model, exp.parallel
+    return [Problem(
+        "hardware", "hardware.max_device_memory",
+        f"estimated {est.total_gb:.1f} GB per device (weights {est.weights_gb:.1f} + gradients "
+        f"{est.gradients_gb:.1f} + optimizer {est.optimizer_gb:.1f} + activations {est.activations_gb:.1f}"
+        f" + KV cache {est.kv_cache_gb:.1f}) for model {m.name} on {p.name} is over the budget of "
+        f"{est.budget_gb:.0f} GB of {exp.hardware.name}",
+        "spread the model over more devices (a larger model_parallel / pipeline_stage), turn on the parallel "
+        "optimizer or recompute (phase.recompute.recompute=true), or shorten data.seq_length")]
+
+
+def check_files(exp) -> list[Problem]:
+    out = []
+    d = exp.data
+    if exp.phase.run_mode != "predict" and d.format != "none":
+        if not d.input:
+            out.append(Problem("data", "data.input", f"data={d.name} needs an input file",
+                               "set data.input=/path/to/file"))
+        elif not Path(d.input).exists():
+            out.append(Problem("data", "data.input", f"{d.input} does not exist",
+                               "set data.input to an existing file (paths are relative to where you run)"))
+    if exp.phase.run_mode != "predict" and d.format == "none":
+        out.append(Problem("data", "data", f"phase={exp.phase.name} trains but data=none",
+                           "choose training data, e.g. data=alpaca data.input=alpaca_data.json"))
+    ck = exp.phase.load_checkpoint
+    if ck and not Path(ck).exists():
+        out.append(Problem("phase", "phase.load_checkpoint", f"{ck} does not exist",
+                           "point phase.load_checkpoint at a checkpoint file or a folder of rank_* folders"))
+    return out
+
+
+def validate(exp) -> list[Problem]:
+    problems = check_choices(exp)
+    if problems:                      # the remaining checks assume sane values
+        return problems
+    problems += check_devices(exp)
+    problems += check_model_vs_parallel(exp)
+    if not problems:
+        problems += check_memory(exp)
+    problems += check_files(exp)
+    return problems
+
+
+def format_problems(problems: list[Problem]) -> str:
+    head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found; nothing was run:"
+    return "\n".join([head] + [f"  {i}. {p}" for i, p in enumerate(problems, 1)])
