@@ -4,7 +4,7 @@ Parameters count exactly as MindFormers' LlamaForCausalLM builds them (q/k/v bia
 tied embeddings). Training state: weights in param_init dtype, gradients in the same dtype, AdamW's two
 fp32 moments; tensor parallel shards the layer weights by mp and the embedding/lm_head by mp unless
 vocab_emb_dp; pipeline stages hold their own layers (with offsets); the parallel optimizer shards
-optimizer state by dp. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+weights, gradients and optimizer state by dp. Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in
 Large Transformer Models"): per layer s*b*h*(34 + 5*a*s/h) bytes at 16-bit, divided by t with sequence
 parallel, the 5as/h score term gone under flash attention, 2sbh per layer under full recompute; a
 pipeline's first stage keeps pp micro-batches in flight.
@@ -137,13 +137,15 @@ def effective_dtype(exp, name: str) -> str:
 def estimate_memory(exp) -> MemoryEstimate:
     ph, p = exp.phase, exp.parallel
     n = params_per_device(exp)
-    w_bytes = DTYPE_BYTES[effective_dtype(exp, "param_init")]
-    act_bytes = DTYPE_BYTES[effective_dtype(exp, "compute")]
-    weights = n * w_bytes
+    w_bytes = DTYPE_BYTES.get(effective_dtype(exp, "param_init"), 4)   # unknown: validate() reports it
+    act_bytes = DTYPE_BYTES.get(effective_dtype(exp, "compute"), 4)
     training = ph.run_mode != "predict"
-    grads = n * w_bytes if training else 0
-    opt_shard = p.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
-    optimizer = n * 8 / opt_shard if training else 0
+    # MindSpore's parallel optimizer keeps only a 1/dp slice of every weight, its gradient and its
+    # optimizer state on each device (weights are all-gathered for compute, gradients reduce-scattered)
+    shard = p.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
+    weights = n * w_bytes / shard
+    grads = n * w_bytes / shard if training else 0
+    optimizer = n * 8 / shard if training else 0
     acts = activation_bytes(exp, act_bytes) if training else 0
     kv = kv_cache_bytes(exp, act_bytes) if not training else 0
     if not training:                                # prefill of one sequence, no stored activations

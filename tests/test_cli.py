@@ -1,0 +1,53 @@
+"""The command line as a user meets it: help, --cfg, plans for big models, clear errors with exit code 2."""
+import pytest
+
+from conftest import only_run_dir, read_json, run_cli
+
+
+def test_help_lists_the_groups(tmp_path):
+    r = run_cli(["--help"], tmp_path)
+    assert r.returncode == 0
+    for line in ("model: 0_5b, 14b, 1_8b, 32b, 4b, 72b, 7b, tiny", "phase: chat, finetune, predict, pretrain"):
+        assert line in r.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    r = run_cli(["--cfg", "job", "model=72b", "parallel=mp8pp4"], tmp_path)
+    assert r.returncode == 0
+    assert "hidden_size: 8192" in r.stdout and "model_parallel: 8" in r.stdout
+    assert list(tmp_path.iterdir()) == []                  # nothing written anywhere near cwd
+
+
+def test_72b_finetune_on_a_machine_without_npus_is_a_plan(tmp_path):
+    r = run_cli(["model=72b", "phase=finetune", "parallel=mp8pp4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "nothing was executed" in r.stdout
+    run_dir = only_run_dir(tmp_path)
+    result = read_json(run_dir / "result.json")
+    assert result["status"] == "planned" and result["measured"] is None
+    assert result["plan"]["devices"] == 32 and result["plan"]["nodes"] == 4
+    assert (run_dir / "mindformers.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=73b"], "Could not find 'model/73b'"),
+    (["parallel=mp3"], "parallel"),
+    (["model.hidden_size=big"], "hidden_size"),
+    (["data=alpaca", "data.input=missing.json"], "missing.json does not exist"),
+    (["model=72b", "parallel.model_parallel=3", "hardware=atlas_800t_a2"], "num_heads=64"),
+])
+def test_bad_input_exits_2_without_traceback(tmp_path, args, needle):
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("mindformers.yaml"))
+
+
+def test_multirun_of_plans_gives_one_result_per_job(tmp_path):
+    r = run_cli(["-m", "model=0_5b,1_8b,4b", "hardware=atlas_800t_a2", "parallel=dp8"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = sorted(tmp_path.glob("outputs/multirun/*/*/*/result.json"))
+    assert [read_json(p)["model"] for p in results] == ["0_5b", "1_8b", "4b"]
+    assert all(read_json(p)["status"] == "planned" for p in results)
