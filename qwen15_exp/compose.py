@@ -55,11 +55,6 @@ def load_group_option(group: str, name: str, schema) -> object:
     return OmegaConf.to_object(node)
 
 
-def npus_present() -> bool:
-    """Ascend NPUs visible on this machine (the driver's device nodes)."""
-    return any(Path("/dev").glob("davinci[0-9]*"))
-
-
 def fits_this_machine(exp: Experiment) -> bool:
     """The CPU profile can run it: one node, data parallel only, and the fp32 training state fits in RAM."""
     from qwen15_exp.estimate.memory import cpu_training_bytes

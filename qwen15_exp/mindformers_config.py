@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 
 from qwen15_exp.estimate.memory import effective_dtype
+from qwen15_exp.layout import devices
 
 CPU_TRAIN_STEP_WRAPPER = "CPUTrainOneStepCell"     # registered by qwen15_exp.mindformers_ext
 
@@ -22,11 +23,6 @@ def deep_merge(base: dict, extra: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def devices(exp) -> int:
-    p = exp.parallel
-    return p.data_parallel * p.model_parallel * p.pipeline_stage * p.context_parallel
 
 
 def semi_auto(exp) -> bool:
@@ -170,7 +166,9 @@ def callbacks(exp, stop_step: int | None) -> list:
 def context_section(exp) -> dict:
     hw = exp.hardware
     ctx = {"mode": hw.mode, "device_target": hw.device_target, "device_id": 0, "max_call_depth": 10000,
-           "save_graphs": False, "jit_config": {"jit_level": hw.jit_level}}
+           "save_graphs": False}
+    if hw.jit_level:                       # "" leaves it to MindSpore's default, as some recipes do
+        ctx["jit_config"] = {"jit_level": hw.jit_level}
     if hw.max_device_memory:
         ctx["max_device_memory"] = hw.max_device_memory
     return deep_merge(ctx, dict(hw.context))
@@ -257,7 +255,8 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
                 "recompute_slice_activation")},
             "callbacks": callbacks(exp, stop_step),
         })
-        section = dataset_section(exp, dataset_dir, columns or ["input_ids", "labels"], adaptations)
+        default_columns = ["input_ids"] if exp.data.format == "wiki" else ["input_ids", "labels"]
+        section = dataset_section(exp, dataset_dir, columns or default_columns, adaptations)
         cfg["train_dataset"] = section
         cfg["train_dataset_task"] = {"type": "CausalLanguageModelDataset", "dataset_config": copy.deepcopy(section)}
     else:
@@ -268,4 +267,6 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         if not sup.kv_cache:
             cfg["postprocess_use_numpy"] = True    # TopK has no CPU kernel; sample in numpy
     cfg = deep_merge(cfg, dict(exp.mindformers))
+    if "train_dataset" in cfg:             # one section, as the recipes' YAML anchor makes it
+        cfg["train_dataset_task"]["dataset_config"] = copy.deepcopy(cfg["train_dataset"])
     return cfg, adaptations

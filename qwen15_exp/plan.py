@@ -9,10 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qwen15_exp import mindformers_config
-from qwen15_exp.compose import npus_present
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import MemoryEstimate, estimate_memory, total_params
-from qwen15_exp.validate import devices, nodes
+from qwen15_exp.layout import choose_launcher, devices, global_batch, nodes
 
 
 @dataclass(frozen=True)
@@ -45,26 +44,6 @@ class Plan:
         d["run_dir"] = str(self.run_dir)
         d["memory"] = self.memory.as_dict()
         return d
-
-
-def global_batch(exp) -> int:
-    p, ph = exp.parallel, exp.phase
-    accumulation = p.micro_batch_num if p.pipeline_stage > 1 else ph.gradient_accumulation_steps
-    return ph.batch_size * p.data_parallel * accumulation
-
-
-def choose_launcher(exp) -> tuple[str, bool, str]:
-    hw, n_dev = exp.hardware, devices(exp)
-    if exp.launch.mode == "plan":
-        return "plan", False, "launch.mode=plan: files written, nothing executed"
-    if hw.device_target == "CPU":
-        if n_dev > 1 or exp.launch.mode == "msrun":
-            return "msrun", True, f"{n_dev} CPU workers started by msrun on this machine"
-        return "local", True, "in-process MindFormers Trainer on this machine's CPU"
-    if npus_present():
-        return "msrun", True, f"Ascend NPUs present: msrun on {nodes(exp)} node(s)"
-    return "plan", False, (f"hardware={hw.name} targets Ascend NPUs and this machine has none "
-                           "(no /dev/davinci*): the run is planned and its files written; nothing was executed")
 
 
 def training_steps(exp, rows: int) -> tuple[int, int | None, int]:

@@ -10,6 +10,7 @@ import yaml
 from qwen15_exp import compose
 from qwen15_exp.errors import UserError
 from qwen15_exp.io import write_json, write_text
+from qwen15_exp.layout import choose_launcher
 from qwen15_exp.plan import Dataset, make_plan
 from qwen15_exp.result import summary_text, versions
 from qwen15_exp.validate import format_problems, validate
@@ -45,7 +46,6 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
     if problems:
         raise InvalidExperiment(problems)
     run_dir = Path(run_dir)
-    from qwen15_exp.plan import choose_launcher
     _, executes, _ = choose_launcher(exp)
     dataset = prepare_dataset(exp, show_progress) if executes else None
     plan = make_plan(exp, run_dir, dataset)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen15_exp.estimate.memory import estimate_memory, kv_heads, stage_layers
+from qwen15_exp.layout import choose_launcher, devices, nodes
 from qwen15_exp.schema import DTYPES, RUN_MODES
 
 DATA_FORMATS = ("alpaca", "chatml", "wiki", "mindrecord", "none")
@@ -27,18 +28,6 @@ class Problem:
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def devices(exp) -> int:
-    p = exp.parallel
-    return p.data_parallel * p.model_parallel * p.pipeline_stage * p.context_parallel
-
-
-def nodes(exp) -> int:
-    if exp.parallel.nodes:
-        return exp.parallel.nodes
-    per_node = max(1, exp.hardware.devices_per_node)
-    return max(1, -(-devices(exp) // per_node))
 
 
 def check_choices(exp) -> list[Problem]:
@@ -197,11 +186,13 @@ def check_memory(exp) -> list[Problem]:
 def check_files(exp) -> list[Problem]:
     out = []
     d = exp.data
-    if exp.phase.run_mode != "predict" and d.format != "none":
+    _, executes, _ = choose_launcher(exp)
+    # a plan's data lives on the cluster: its path is taken as given (or passed to the launch script)
+    if exp.phase.run_mode != "predict" and d.format != "none" and (executes or d.input):
         if not d.input:
             out.append(Problem("data", "data.input", f"data={d.name} needs an input file",
                                "set data.input=/path/to/file"))
-        elif not Path(d.input).exists():
+        elif executes and not Path(d.input).exists():
             out.append(Problem("data", "data.input", f"{d.input} does not exist",
                                "set data.input to an existing file (paths are relative to where you run)"))
     if exp.phase.run_mode != "predict" and d.format == "none":
