@@ -187,7 +187,7 @@ def parallel_sections(exp, run_dir: Path) -> dict:
         "search_mode": "sharding_propagation",
         "enable_parallel_optimizer": p.enable_parallel_optimizer and not predict and n_dev > 1,
     }
-    strategy = str(run_dir / "output" / "strategy" / "ckpt_strategy.ckpt")
+    strategy = f"{run_dir}/output/strategy/ckpt_strategy.ckpt"
     if predict:
         parallel["strategy_ckpt_config"] = {"save_file": strategy, "only_trainable_params": False}
     else:
@@ -219,7 +219,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
                            "and MindFormers would multiply the epochs)")
     cfg = {
         "seed": ph.seed,
-        "output_dir": str(run_dir / "output"),
+        "output_dir": f"{run_dir}/output",
         "load_checkpoint": ph.load_checkpoint,
         "auto_trans_ckpt": ph.auto_trans_ckpt,
         "only_save_strategy": False,

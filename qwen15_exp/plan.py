@@ -70,8 +70,9 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, tokenizer_file
     if train and dataset is not None and dataset.rows:
         epochs, stop, total = training_steps(exp, dataset.rows)
         steps = total
+    # a plan is copied to the cluster: its paths are relative to its own folder
     cfg, adaptations = mindformers_config.build(
-        exp, run_dir, dataset_dir=dataset.folder if dataset else "", epochs=epochs,
+        exp, run_dir if executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
         columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total,
         tokenizer_file=tokenizer_file)
     env = dict(exp.hardware.env)

@@ -64,5 +64,9 @@ def summary_text(result: dict) -> str:
     if result.get("generated"):
         for g in result["generated"]:
             lines.append(f"  > {g['prompt']!r} -> {g['text']!r}")
+    if result["status"] == "planned":
+        lines.append("  NOTHING WAS EXECUTED. On the cluster, from a copy of the run dir on every node:")
+        for i, script in enumerate(result.get("launch_scripts", [])):
+            lines.append(f"    node {i}: MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash {script}")
     lines.append(f"  files: {result['run_dir']}")
     return "\n".join(lines)

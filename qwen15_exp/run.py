@@ -65,6 +65,9 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
         from qwen15_exp.launch.msrun import run_msrun
         result["measured"] = run_msrun(plan, exp, yaml_path, process_t0)
         result["status"] = "ok"
+    else:
+        from qwen15_exp.launch.msrun import write_launch_files
+        result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
     result["wall_time_s"] = round(time.time() - t0, 3)
     write_json(run_dir / "result.json", result)
     print(summary_text(result), flush=True)

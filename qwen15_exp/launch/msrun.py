@@ -1,0 +1,109 @@
+"""Launch through MindSpore's msrun: one command per node, written as scripts, run here when possible.
+
+Every run dir that uses msrun holds launch_node<R>.sh for each node R (cd into the run dir, export the
+environment the recipe needs, start msrun with worker_num, local_worker_num, master_addr, master_port,
+node_rank, log_dir, join and cluster_time_out). Every value that enters a script is shell-quoted. On this
+machine's CPU the single-node script is executed for real (data parallel workers).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qwen15_exp.io import write_text
+from qwen15_exp.launch.worker import WORKER_STUB
+
+
+def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) -> list[str]:
+    per_node = min(plan.devices, plan.devices_per_node)
+    return ["msrun", f"--worker_num={plan.devices}", f"--local_worker_num={per_node}",
+            f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
+            "--log_dir=msrun_log", f"--join={exp.launch.join or plan.nodes == 1}",
+            f"--cluster_time_out={exp.launch.cluster_time_out}",
+            "worker.py", "--config", "mindformers.yaml"]
+
+
+def node_script(plan, exp, node_rank: int) -> str:
+    q = shlex.quote
+    L = exp.launch
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {exp.experiment_name}: node {node_rank} of {plan.nodes} ({plan.devices} devices, "
+        f"{min(plan.devices, plan.devices_per_node)} on this node) - model {exp.model.name}, phase {exp.phase.name}, "
+        f"parallel {exp.parallel.name}, hardware {exp.hardware.name}.",
+        "# Run on that node from this folder (the same path on every node, or shared storage).",
+        "# MASTER_ADDR / MASTER_PORT override the planned master; TRAIN_DATA the dataset folder; "
+        "LOAD_CHECKPOINT the weights.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+    ]
+    for k, v in sorted(plan.env.items()):
+        lines.append(f"export {k}={q(str(v))}")
+    lines += [f"MASTER_ADDR=\"${{MASTER_ADDR:-{q(L.master_addr)}}}\"",
+              f"MASTER_PORT=\"${{MASTER_PORT:-{q(str(L.master_port))}}}\""]
+    args = msrun_args(plan, exp, node_rank, "MASTER_ADDR_PLACEHOLDER", 0)
+    quoted = " ".join(q(a) for a in args)
+    quoted = quoted.replace(q("--master_addr=MASTER_ADDR_PLACEHOLDER"), '--master_addr="$MASTER_ADDR"')
+    quoted = quoted.replace(q("--master_port=0"), '--master_port="$MASTER_PORT"')
+    lines.append(f'exec {quoted} ${{TRAIN_DATA:+--train_dataset_dir "$TRAIN_DATA"}} '
+                 '${LOAD_CHECKPOINT:+--load_checkpoint "$LOAD_CHECKPOINT"}')
+    return "\n".join(lines) + "\n"
+
+
+def write_launch_files(plan, exp) -> list[Path]:
+    run_dir = Path(plan.run_dir)
+    write_text(run_dir / "worker.py", WORKER_STUB)
+    scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
+               for r in range(plan.nodes)]
+    return scripts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gather_ranks(run_dir: Path, plan, process_t0: float) -> dict:
+    from qwen15_exp.result import measured_figures
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
+    if len(ranks) != plan.devices:
+        raise RuntimeError(f"expected {plan.devices} rank results in {run_dir}, found {len(ranks)}; "
+                           f"see {run_dir / 'msrun_log'}")
+    steps = min(len(r["step_times_s"]) for r in ranks)
+    slowest = [max(r["step_times_s"][i] for r in ranks) for i in range(steps)]   # a step ends on every rank
+    mean_loss = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(steps)]
+    firsts = [r["first_step_unix"] for r in ranks if r["first_step_unix"]]
+    figures = measured_figures(losses=mean_loss, step_times=slowest, tokens_per_step=plan.tokens_per_step,
+                               devices=plan.devices, first_step_s=(max(firsts) - process_t0) if firsts else None,
+                               train_call_s=0.0, peak_rss_mb=0.0)
+    figures["ranks"] = [{"rank": r["rank"], "loss": r["losses"], "step_times_s": r["step_times_s"]} for r in ranks]
+    return figures
+
+
+def run_msrun(plan, exp, yaml_path: Path, process_t0: float) -> dict:
+    """Run the single-node plan here (CPU workers, or NPUs when present)."""
+    write_launch_files(plan, exp)
+    run_dir = Path(plan.run_dir)
+    if plan.nodes > 1:
+        raise RuntimeError(f"{plan.nodes} nodes: start launch_node<R>.sh on each node (R = 0..{plan.nodes - 1})")
+    from qwen15_exp.launch.local import mindformers_env
+    bin_dir = str(Path(sys.executable).parent)
+    import os
+    env = {**os.environ, **mindformers_env(run_dir), **plan.env,
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),   # msrun starts workers as plain `python`
+           "MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1"}
+    t_call = time.perf_counter()
+    proc = subprocess.run(["bash", str(run_dir / "launch_node0.sh")], cwd=run_dir, env=env)
+    if proc.returncode != 0:
+        logs = sorted((run_dir / "msrun_log").glob("*.log"))
+        tail = logs[-1].read_text(errors="replace")[-2000:] if logs else ""
+        raise RuntimeError(f"msrun exited with {proc.returncode}; logs in {run_dir / 'msrun_log'}\n{tail}")
+    figures = gather_ranks(run_dir, plan, process_t0)
+    figures["train_call_s"] = round(time.perf_counter() - t_call, 3)
+    return figures
