@@ -55,6 +55,12 @@ def app(cfg: DictConfig) -> dict | None:
 def main() -> None:
     register_resolvers()
     register_configs()
+    from qwen15_exp.compose import group_options
+    from qwen15_exp.layout_names import explain
+    message = explain(sys.argv[1:], group_options("parallel"))
+    if message:
+        _report_user_error(message)
+        sys.exit(2)
     try:
         app()
     except SystemExit as e:

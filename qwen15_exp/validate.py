@@ -109,19 +109,22 @@ def check_model_vs_parallel(exp) -> list[Problem]:
         out.append(Problem("model", "model.hidden_size",
                            f"hidden_size={m.hidden_size} is not divisible by num_heads={m.num_heads}",
                            "use a hidden_size that is a multiple of num_heads"))
+    per_node = max(1, exp.hardware.devices_per_node)
+    within_node = [d for d in ok_mp if d <= per_node] or [1]   # tensor parallel stays inside a node
+    nearest = min(within_node, key=lambda d: (abs(d - mp), -d))
     if m.num_heads % mp:
         out.append(Problem(
             "parallel", "parallel.model_parallel",
             f"num_heads={m.num_heads} of model {m.name} is not divisible by model_parallel={mp}",
-            f"use a model_parallel that divides the heads: one of {ok_mp} (e.g. parallel=mp{max(ok_mp)} "
-            f"or parallel.model_parallel={max(d for d in ok_mp if d <= max(mp, 1))})"))
+            f"use a model_parallel that divides the heads and fits in one node of {per_node}: one of "
+            f"{within_node} (e.g. parallel.model_parallel={nearest})"))
     elif kv_heads(m) % mp:
         out.append(Problem(
             "parallel", "parallel.model_parallel",
             f"n_kv_heads={kv_heads(m)} of model {m.name} (grouped-query attention) is not divisible by "
             f"model_parallel={mp}",
             f"use a model_parallel that divides both num_heads={m.num_heads} and n_kv_heads={kv_heads(m)}: "
-            f"one of {ok_mp}"))
+            f"one of {within_node} (e.g. parallel.model_parallel={nearest})"))
     if m.intermediate_size % mp:
         out.append(Problem("parallel", "parallel.model_parallel",
                            f"intermediate_size={m.intermediate_size} is not divisible by model_parallel={mp}",
