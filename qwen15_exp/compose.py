@@ -60,20 +60,14 @@ def fits_this_machine(exp: Experiment) -> bool:
     from qwen15_exp.estimate.memory import cpu_training_bytes
     cpu = load_group_option("hardware", "cpu", HardwareConfig)
     p = exp.parallel
+    if min(p.data_parallel, p.model_parallel, p.pipeline_stage, p.context_parallel, exp.phase.batch_size) < 1 \
+            or exp.data.seq_length < 1:
+        return True                       # nonsense degrees: validate() names them, on whichever hardware
     if p.model_parallel > 1 or p.pipeline_stage > 1 or p.context_parallel > 1:
         return False
     if p.data_parallel > cpu.devices_per_node:
         return False
     return cpu_training_bytes(exp) * p.data_parallel < 0.8 * cpu.device_memory_gb * 2**30
-
-
-def resolve_auto_hardware(exp: Experiment) -> Experiment:
-    if exp.hardware.name != "auto":
-        return exp
-    name = "cpu" if fits_this_machine(exp) else "atlas_800t_a2"
-    exp.hardware = load_group_option("hardware", name, HardwareConfig)
-    exp.hardware.description += " (chosen by hardware=auto)"
-    return exp
 
 
 def absolutize_paths(exp: Experiment, base: str | None = None) -> Experiment:
@@ -90,10 +84,42 @@ def absolutize_paths(exp: Experiment, base: str | None = None) -> Experiment:
     return exp
 
 
-def to_experiment(cfg: DictConfig, base_dir: str | None = None) -> Experiment:
-    """The composed config as a typed Experiment (interpolations resolved, auto hardware picked)."""
+def auto_hardware_choice(exp: Experiment) -> str:
+    return "cpu" if fits_this_machine(exp) else "atlas_800t_a2"
+
+
+def compose_overrides(overrides: list[str]) -> DictConfig:
+    """Compose config.yaml with these overrides (inside a running Hydra app or on its own)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _typed(cfg: DictConfig, base_dir: str | None) -> Experiment:
     exp = OmegaConf.to_object(cfg)
-    if not isinstance(exp, Experiment):      # composed without the schema (tests may do that)
+    if not isinstance(exp, Experiment):      # composed without the schema
         exp = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Experiment), cfg))
-    exp = absolutize_paths(exp, base_dir)
-    return resolve_auto_hardware(exp)
+    return absolutize_paths(exp, base_dir)
+
+
+def to_experiment(cfg: DictConfig, base_dir: str | None = None, overrides: list[str] | None = None) -> Experiment:
+    """The composed config as a typed Experiment (interpolations resolved, hardware=auto picked).
+
+    hardware=auto is decided on the composed experiment, then the config is composed again with the chosen
+    profile and the same overrides, so `hardware.*` overrides apply to the chosen profile.
+    """
+    exp = _typed(cfg, base_dir)
+    if exp.hardware.name != "auto":
+        return exp
+    choice = auto_hardware_choice(exp)
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("hardware=")]
+    exp = _typed(compose_overrides(kept + [f"hardware={choice}"]), base_dir)
+    exp.hardware.description += " (chosen by hardware=auto)"
+    return exp

@@ -37,9 +37,10 @@ def explain(argv: list[str], known: list[str]) -> str | None:
     from qwen15_exp.compose import conf_dir, to_experiment
     from qwen15_exp.validate import format_problems, validate
     rest = [a for a in argv if not a.startswith("parallel=") and "=" in a and not a.startswith("-")]
+    args = rest + ["parallel=single"] + overrides
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=rest + ["parallel=single"] + overrides)
-    exp = to_experiment(cfg)
+        cfg = compose(config_name="config", overrides=args)
+        exp = to_experiment(cfg, overrides=args)
     exp.parallel.name = name
     problems = validate(exp)
     head = (f"parallel={name}: there is no layout file named {name!r} (named layouts: {', '.join(known)}). "

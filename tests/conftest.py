@@ -30,7 +30,7 @@ def compose_cfg(overrides=()):
 
 
 def make_experiment(overrides=()):
-    return to_experiment(compose_cfg(overrides))
+    return to_experiment(compose_cfg(overrides), overrides=list(overrides))
 
 
 @pytest.fixture

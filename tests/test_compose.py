@@ -95,3 +95,11 @@ def test_overrides_reach_the_typed_config():
 def test_schema_rejects_typos_and_wrong_types(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_cfg([override])
+
+
+def test_hardware_overrides_apply_to_the_profile_auto_picks():
+    exp = make_experiment(["model=72b", "parallel=mp8pp4", "hardware.max_device_memory=40GB",
+                           "+hardware.env.HCCL_BUFFSIZE=2"])
+    assert exp.hardware.name == "atlas_800t_a2"
+    assert exp.hardware.max_device_memory == "40GB" and exp.hardware.env == {"HCCL_BUFFSIZE": "2"}
+    assert exp.hardware.devices_per_node == 8

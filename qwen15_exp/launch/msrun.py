@@ -44,8 +44,9 @@ def node_script(plan, exp, node_rank: int) -> str:
     ]
     for k, v in sorted(plan.env.items()):
         lines.append(f"export {k}={q(str(v))}")
-    lines += [f"MASTER_ADDR=\"${{MASTER_ADDR:-{q(L.master_addr)}}}\"",
-              f"MASTER_PORT=\"${{MASTER_PORT:-{q(str(L.master_port))}}}\""]
+    lines += [f"PLANNED_MASTER_ADDR={q(L.master_addr)}", f"PLANNED_MASTER_PORT={q(str(L.master_port))}",
+              'MASTER_ADDR="${MASTER_ADDR:-$PLANNED_MASTER_ADDR}"',
+              'MASTER_PORT="${MASTER_PORT:-$PLANNED_MASTER_PORT}"']
     args = msrun_args(plan, exp, node_rank, "MASTER_ADDR_PLACEHOLDER", 0)
     quoted = " ".join(q(a) for a in args)
     quoted = quoted.replace(q("--master_addr=MASTER_ADDR_PLACEHOLDER"), '--master_addr="$MASTER_ADDR"')
@@ -90,20 +91,27 @@ def run_msrun(plan, exp, yaml_path: Path, process_t0: float) -> dict:
     """Run the single-node plan here (CPU workers, or NPUs when present)."""
     write_launch_files(plan, exp)
     run_dir = Path(plan.run_dir)
-    if plan.nodes > 1:
-        raise RuntimeError(f"{plan.nodes} nodes: start launch_node<R>.sh on each node (R = 0..{plan.nodes - 1})")
+    node = exp.launch.node_rank or 0
+    if plan.nodes > 1 and exp.launch.node_rank is None:
+        from qwen15_exp.errors import UserError
+        raise UserError(f"this plan spans {plan.nodes} nodes: run the same command on every node with "
+                        f"launch.node_rank=<0..{plan.nodes - 1}> launch.master_addr=<node 0 address>, "
+                        f"or start launch_node<R>.sh from {run_dir} on each node")
     from qwen15_exp.launch.local import mindformers_env
     bin_dir = str(Path(sys.executable).parent)
     import os
     env = {**os.environ, **mindformers_env(run_dir), **plan.env,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),   # msrun starts workers as plain `python`
-           "MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1"}
+           "MASTER_PORT": str(free_port() if plan.nodes == 1 else exp.launch.master_port),
+           "MASTER_ADDR": "127.0.0.1" if plan.nodes == 1 else exp.launch.master_addr}
     t_call = time.perf_counter()
-    proc = subprocess.run(["bash", str(run_dir / "launch_node0.sh")], cwd=run_dir, env=env)
+    proc = subprocess.run(["bash", str(run_dir / f"launch_node{node}.sh")], cwd=run_dir, env=env)
     if proc.returncode != 0:
         logs = sorted((run_dir / "msrun_log").glob("*.log"))
         tail = logs[-1].read_text(errors="replace")[-2000:] if logs else ""
         raise RuntimeError(f"msrun exited with {proc.returncode}; logs in {run_dir / 'msrun_log'}\n{tail}")
+    if plan.nodes > 1:          # the other nodes' ranks write into their own copies of the run dir
+        return {"node_rank": node, "ranks_here": sorted(p.name for p in run_dir.glob("rank_*.json"))}
     figures = gather_ranks(run_dir, plan, process_t0)
     figures["train_call_s"] = round(time.perf_counter() - t_call, 3)
     return figures

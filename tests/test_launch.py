@@ -1,0 +1,88 @@
+"""Launch scripts for clusters, data-parallel msrun runs on this CPU, and Hydra's submitit launcher."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import only_run_dir, read_json, run_cli
+
+FAKE_MSRUN = """#!/usr/bin/env python3
+import json, os, sys
+print(json.dumps({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in
+      ("MS_ASCEND_CHECK_OVERFLOW_MODE", "HCCL_BUFFSIZE")}, "cwd": os.getcwd()}))
+"""
+
+
+def fake_msrun(tmp_path):
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    exe = bin_dir / "msrun"
+    exe.write_text(FAKE_MSRUN)
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def test_plan_writes_one_quoted_msrun_script_per_node(tmp_path):
+    hostile = "10.0.0.1; touch PWNED"
+    r = run_cli(["model=72b", "phase=finetune", "parallel=mp8pp4", f"launch.master_addr='{hostile}'",
+                 "launch.master_port=9123", "+hardware.env.HCCL_BUFFSIZE='2 $(touch PWNED2)'"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = only_run_dir(tmp_path)
+    scripts = sorted(run_dir.glob("launch_node*.sh"))
+    assert [s.name for s in scripts] == [f"launch_node{i}.sh" for i in range(4)]
+    assert (run_dir / "worker.py").is_file()
+    bin_dir = fake_msrun(tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for rank, script in enumerate(scripts):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        call = json.loads(out.stdout)
+        assert call["argv"][:8] == ["--worker_num=32", "--local_worker_num=8", f"--master_addr={hostile}",
+                                    "--master_port=9123", f"--node_rank={rank}", "--log_dir=msrun_log",
+                                    "--join=False", "--cluster_time_out=7200"]
+        assert call["argv"][8:] == ["worker.py", "--config", "mindformers.yaml"]
+        assert call["env"] == {"MS_ASCEND_CHECK_OVERFLOW_MODE": "INFNAN_MODE", "HCCL_BUFFSIZE": "2 $(touch PWNED2)"}
+        assert call["cwd"] == str(run_dir)
+    # overrides at launch time reach msrun and the worker
+    out = subprocess.run(["bash", str(scripts[0])], capture_output=True, text=True, cwd=tmp_path,
+                         env={**env, "MASTER_ADDR": "node0.cluster", "TRAIN_DATA": "/data/alpaca mr"})
+    argv = json.loads(out.stdout)["argv"]
+    assert "--master_addr=node0.cluster" in argv and argv[-2:] == ["--train_dataset_dir", "/data/alpaca mr"]
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_plan_prints_what_an_operator_needs(tmp_path):
+    r = run_cli(["model=72b", "phase=finetune", "parallel=mp8pp4"], tmp_path)
+    out = r.stdout
+    for needle in ("devices 32 = 4 node(s) x up to 8", "global batch 64", "tokens/step 131,072",
+                   "72,287,920,128", "per device", "GB budget", "NOTHING WAS EXECUTED", "launch_node3.sh"):
+        assert needle in out, needle
+
+
+@pytest.mark.slow
+def test_data_parallel_on_cpu_through_msrun(tmp_path):
+    r = run_cli(["parallel=dp2", "hardware=cpu", "phase.max_steps=6"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    result = read_json(run_dir / "result.json")
+    m = result["measured"]
+    assert result["plan"]["launcher"] == "msrun" and result["plan"]["devices"] == 2
+    assert [rk["rank"] for rk in m["ranks"]] == [0, 1]
+    assert all(len(rk["loss"]) == 6 for rk in m["ranks"])
+    assert m["ranks"][0]["loss"] != m["ranks"][1]["loss"]              # each rank reads its own shard
+    assert m["steps"] == 6 and m["tokens_per_s"] > 0 and m["loss_decreased"]
+    assert (run_dir / "msrun_log").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs"]
+
+
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    r = run_cli(["-m", "hydra/launcher=submitit_local", "model=0_5b,7b", "hardware=atlas_800t_a2",
+                 "parallel=dp8"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = sorted(tmp_path.glob("outputs/multirun/*/*/*/result.json"))
+    assert sorted(read_json(p)["model"] for p in results) == ["0_5b", "7b"]
+    assert list(tmp_path.glob("outputs/multirun/*/*/.submitit"))         # submitit's own job folders
