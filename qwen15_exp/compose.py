@@ -70,17 +70,24 @@ def fits_this_machine(exp: Experiment) -> bool:
     return cpu_training_bytes(exp) * p.data_parallel < 0.8 * cpu.device_memory_gb * 2**30
 
 
+def absolute_path(p: str, base: str | None = None) -> str:
+    """A user path made absolute against where the command was typed (not the run dir)."""
+    if not p:
+        return p
+    p = os.path.expanduser(p)
+    return p if os.path.isabs(p) else os.path.normpath(os.path.join(base or os.getcwd(), p))
+
+
+def absolutize_data(data, base: str | None = None):
+    data.input = absolute_path(data.input, base)
+    data.tokenizer_dir = absolute_path(data.tokenizer_dir, base)
+    data.cache_dir = absolute_path(data.cache_dir, base)
+    return data
+
+
 def absolutize_paths(exp: Experiment, base: str | None = None) -> Experiment:
-    """User paths are relative to where the command was typed, not to the run dir."""
-    base = base or os.getcwd()
-
-    def absolute(p: str) -> str:
-        return p if not p or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
-
-    exp.data.input = absolute(exp.data.input)
-    exp.data.tokenizer_dir = absolute(exp.data.tokenizer_dir)
-    exp.data.cache_dir = absolute(os.path.expanduser(exp.data.cache_dir)) if exp.data.cache_dir else ""
-    exp.phase.load_checkpoint = absolute(exp.phase.load_checkpoint)
+    absolutize_data(exp.data, base)
+    exp.phase.load_checkpoint = absolute_path(exp.phase.load_checkpoint, base)
     return exp
 
 

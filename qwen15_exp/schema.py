@@ -235,6 +235,14 @@ class Experiment:
     mindformers: Dict[str, Any] = field(default_factory=dict)  # raw MindFormers keys, merged last
 
 
+@dataclass
+class PrepareJob:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    output: str = ""
+    progress: bool = True
+
+
 GROUP_SCHEMAS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -247,5 +255,6 @@ GROUP_SCHEMAS = {
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=Experiment)
+    cs.store(name="prepare_schema", node=PrepareJob)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group="schema", name=group, node=schema)

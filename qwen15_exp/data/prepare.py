@@ -59,6 +59,8 @@ def prepare(data, seq_length: int, out_dir: Path | None = None, show_progress: b
     """Prepare data (a DataConfig) into out_dir, or into the content-addressed cache when out_dir is None."""
     if data.format not in RAW_FORMATS:
         raise UserError(f"data.format={data.format!r} needs no preparation; prepare takes one of {RAW_FORMATS}")
+    if not data.input or data.input == "???":
+        raise UserError(f"data.input is required for data={data.name}: set data.input=/path/to/file")
     if not Path(data.input).is_file():
         raise UserError(f"data file not found: {data.input}; set data.input to an existing file")
     if out_dir is None:

@@ -1,0 +1,61 @@
+"""`python -m qwen15_exp.prepare`: raw alpaca / ChatML / Wikitext -> MindRecord, with Hydra's conventions.
+
+    python -m qwen15_exp.prepare data=alpaca data.input=alpaca_data.json data.seq_length=4096
+    python -m qwen15_exp.prepare data=wiki data.input=wiki.train.tokens data.seq_length=32768 output=/data/wiki
+
+Without `output` the result goes into the content-addressed cache, where a training run given the same
+raw file, tokenizer, seq_length and options finds it and prepares nothing.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from qwen15_exp.compose import absolute_path, absolutize_data, conf_dir, register_resolvers
+from qwen15_exp.errors import UserError
+from qwen15_exp.schema import register_configs
+
+_task_started = False
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")
+def app(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from qwen15_exp.data.prepare import prepare, summary_lines
+    try:
+        job = OmegaConf.to_object(cfg)
+        data = absolutize_data(job.data)
+        out = Path(absolute_path(job.output)) if job.output else None
+        prepared = prepare(data, data.seq_length, out_dir=out, show_progress=job.progress)
+    except MissingMandatoryValue as e:
+        print(f"error: {e.full_key} is required; set it on the command line ({e.full_key}=...)", file=sys.stderr)
+        sys.exit(2)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    state = "reused (cached)" if prepared.reused else "written"
+    print(f"MindRecord {state}: {prepared.folder}")
+    for line in summary_lines(prepared.summary):
+        print(f"  {line}")
+    print(f"  train with: python -m qwen15_exp data=mindrecord data.input={prepared.folder} "
+          f"data.seq_length={job.data.seq_length}")
+
+
+def main() -> None:
+    register_resolvers()
+    register_configs()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
