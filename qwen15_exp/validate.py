@@ -59,6 +59,10 @@ def check_choices(exp) -> list[Problem]:
         v = getattr(exp.phase, key)
         if v < 1:
             out.append(Problem("phase", f"phase.{key}", f"is {v}, must be at least 1", f"set phase.{key}=1"))
+    off = exp.parallel.offset
+    if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
+        out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",
+                           "use parallel.offset=0 or one integer per pipeline stage, e.g. [-1,1,1,-1]"))
     if exp.data.seq_length < 1:
         out.append(Problem("data", "data.seq_length", f"is {exp.data.seq_length}", "use a positive length"))
     return out
@@ -136,13 +140,14 @@ def check_model_vs_parallel(exp) -> list[Problem]:
             f"sharded (vocab_emb_dp=false)",
             "set parallel.vocab_emb_dp=true or use a model_parallel that divides the vocabulary"))
     pp = p.pipeline_stage
-    if pp > 1:
-        if isinstance(p.offset, (list, tuple)) and len(p.offset) != pp:
-            out.append(Problem(
-                "parallel", "parallel.offset",
-                f"offset has {len(p.offset)} entries {list(p.offset)} but pipeline_stage={pp}",
-                f"give one offset per stage (summing to 0), e.g. parallel.offset=[{','.join(['0'] * pp)}]"))
-        elif m.num_layers < pp:
+    if isinstance(p.offset, (list, tuple)) and len(p.offset) != pp:
+        out.append(Problem(
+            "parallel", "parallel.offset",
+            f"offset has {len(p.offset)} entries {list(p.offset)} but pipeline_stage={pp}",
+            f"give one offset per stage (summing to 0), e.g. parallel.offset=[{','.join(['0'] * pp)}], "
+            "or parallel.offset=0"))
+    elif pp > 1:
+        if m.num_layers < pp:
             out.append(Problem("parallel", "parallel.pipeline_stage",
                                f"pipeline_stage={pp} is more than num_layers={m.num_layers} of model {m.name}",
                                f"use at most {m.num_layers} stages"))

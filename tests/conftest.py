@@ -16,6 +16,12 @@ from qwen15_exp.schema import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _registered():

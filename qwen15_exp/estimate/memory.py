@@ -50,8 +50,10 @@ def stage_layers(num_layers: int, pp: int, offset) -> list[int]:
     for i in range(num_layers % pp):              # MindFormers puts the remainder on the last stages
         base[pp - 1 - i] += 1
     if isinstance(offset, (list, tuple)):
-        return [b + int(o) for b, o in zip(base, offset)]
-    return [b + int(offset or 0) for b in base]
+        if len(offset) != pp or not all(isinstance(o, int) for o in offset):
+            return base                    # malformed: validate() reports it; estimate without it
+        return [b + o for b, o in zip(base, offset)]
+    return [b + offset for b in base] if isinstance(offset, int) else base
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""bench/prepare: end-to-end speed and memory of `qwen15_exp.prepare` on Wikitext-format text.
+
+Generates a Wikitext-103-format file from real words (the alphabetic tokens of the Qwen vocabulary, Zipf
+weighted, with WikiText's ' @-@ ', ' , ' and ' . ' and = headings =), then measures:
+  - prepare (data=wiki, seq_length 4096): clean, tokenize, window, write MindRecord, in a subprocess;
+  - the limit: raw `tokenizers` batch encoding of the same cleaned paragraphs, nothing written;
+  - the seed's approach: transformers' slow Python Qwen2Tokenizer, one paragraph at a time (on a slice,
+    its rate extrapolated: it would take hours on the whole file).
+Goals: prepare >= 0.7x the limit, >= 10x the seed's approach, peak memory < 1 GB on a 500 MB input
+(`--mb 500`; the default 50 MB keeps the run to a few minutes).
+
+Usage: python bench/prepare.py [--mb 50] [--seed-mb 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def real_words() -> list[str]:
+    from qwen15_exp.data.tokenizer import tokenizer_files
+    vocab = json.loads(tokenizer_files()[0].read_text())
+    words = [t[1:] for t in vocab if t.startswith("Ġ") and t[1:].isalpha() and t[1:].isascii() and len(t) > 3]
+    return words[:30000]
+
+
+def generate(path: Path, megabytes: float, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = real_words()
+    weights = [1.0 / (i + 10) for i in range(len(words))]          # Zipf-like
+    target = int(megabytes * 1e6)
+    size = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < target:
+            title = " ".join(rng.choices(words, k=3)).title()
+            parts = [f" = {title} = \n \n"]
+            for _ in range(rng.randint(3, 8)):
+                sentence_words = rng.choices(words, weights, k=rng.randint(60, 160))
+                for i in range(8, len(sentence_words), 9):
+                    sentence_words[i] += rng.choice([" ,", " .", " @-@", " ;"])
+                parts.append(" " + " ".join(sentence_words) + " . \n \n")
+            block = "".join(parts)
+            f.write(block)
+            size += len(block.encode())
+
+
+def paragraphs_of(path: Path) -> list[str]:
+    from qwen15_exp.data.wiki import clean_wikitext, read_blocks
+    out = []
+    for block in read_blocks(path):
+        out += [p for p in clean_wikitext(block).split("\n\n") if p and not p.strip().startswith("=")]
+    return out
+
+
+def limit_rate(paragraphs: list[str]) -> tuple[float, int]:
+    from qwen15_exp.data.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(paragraphs), 2048):
+        n += sum(len(e.ids) for e in tok.encode_batch_fast(paragraphs[i:i + 2048], add_special_tokens=False))
+    return n / (time.perf_counter() - t0), n
+
+
+def seed_rate(paragraphs: list[str], megabytes: float) -> float:
+    from transformers import Qwen2Tokenizer
+    from qwen15_exp.data.tokenizer import tokenizer_files
+    vocab, merges = tokenizer_files()
+    tok = Qwen2Tokenizer(str(vocab), str(merges), unk_token=None, bos_token=None, eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+    budget, chosen = int(megabytes * 1e6), []
+    for p in paragraphs:
+        if budget <= 0:
+            break
+        chosen.append(p)
+        budget -= len(p)
+    t0 = time.perf_counter()
+    n = sum(len(tok(p)["input_ids"]) for p in chosen)
+    return n / (time.perf_counter() - t0)
+
+
+def run_prepare(src: Path, out: Path) -> tuple[float, dict, float]:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "qwen15_exp.prepare", "data=wiki", f"data.input={src}",
+                        "data.seq_length=4096", f"output={out}", "progress=false",
+                        f"hydra.run.dir={out.parent / 'hydra'}"], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return wall, json.loads((out / "summary.json").read_text()), peak_mb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=50)
+    ap.add_argument("--seed-mb", type=float, default=0.5)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="q15_prepare_"))
+    src = work / "wiki.train.tokens"
+    print(f"generating {args.mb:.0f} MB of Wikitext-format text in {src}", flush=True)
+    generate(src, args.mb)
+    wall, summary, peak_mb = run_prepare(src, work / "mindrecord")
+    tokens = summary["tokens"] + summary.get("dropped_tail", 0)
+    prepare_tps = tokens / wall
+    paragraphs = paragraphs_of(src)
+    lim_tps, lim_tokens = limit_rate(paragraphs)
+    del paragraphs[200000:]
+    seed_tps = seed_rate(paragraphs, args.seed_mb)
+    size_mb = src.stat().st_size / 1e6
+    print(f"\nbench/prepare: {size_mb:.0f} MB Wikitext-format text, {lim_tokens:,} tokens, seq_length 4096, "
+          f"{summary['rows']} rows written")
+    print(f"{'path':<58}{'tokens/s':>12}{'ratio':>9}")
+    print(f"{'prepare (clean+tokenize+window+MindRecord, process wall)':<58}{prepare_tps:>12,.0f}{1:>9.2f}")
+    print(f"{'limit: tokenizers encode_batch_fast, same paragraphs':<58}{lim_tps:>12,.0f}"
+          f"{prepare_tps / lim_tps:>9.2f}")
+    print(f"{'seed: transformers Qwen2Tokenizer per paragraph':<58}{seed_tps:>12,.0f}{prepare_tps / seed_tps:>9.1f}")
+    print(f"peak memory of prepare: {peak_mb:,.0f} MB for a {size_mb:.0f} MB input")
+    print(f"goals: >= 0.7x limit -> {'met' if prepare_tps >= 0.7 * lim_tps else 'NOT met'}; "
+          f">= 10x seed -> {'met' if prepare_tps >= 10 * seed_tps else 'NOT met'}; "
+          f"peak < 1 GB -> {'met' if peak_mb < 1024 else 'NOT met'}")
+    os.system(f"rm -rf {work}")
+
+
+if __name__ == "__main__":
+    main()
