@@ -146,12 +146,13 @@ def check_model_vs_parallel(exp) -> list[Problem]:
             f"offset has {len(p.offset)} entries {list(p.offset)} but pipeline_stage={pp}",
             f"give one offset per stage (summing to 0), e.g. parallel.offset=[{','.join(['0'] * pp)}], "
             "or parallel.offset=0"))
-    elif pp > 1:
+    offset_ok = not (isinstance(p.offset, (list, tuple)) and len(p.offset) != pp)
+    if pp > 1:
         if m.num_layers < pp:
             out.append(Problem("parallel", "parallel.pipeline_stage",
                                f"pipeline_stage={pp} is more than num_layers={m.num_layers} of model {m.name}",
                                f"use at most {m.num_layers} stages"))
-        else:
+        elif offset_ok:
             layers = stage_layers(m.num_layers, pp, p.offset)
             if sum(layers) != m.num_layers or min(layers) < 1:
                 out.append(Problem(
