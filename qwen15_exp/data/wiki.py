@@ -9,7 +9,9 @@ difference is that a quote or bracket pair is never matched across two blocks. `
 """
 from __future__ import annotations
 
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -102,20 +104,46 @@ def paragraphs(block: str, stats: WikiStats, eod_between_docs: bool) -> Iterator
         yield para
 
 
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """Run a generator in a thread, `depth` items ahead: cleaning (Python) overlaps encoding (Rust, no GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:       # re-raised in the consumer, with its message
+            q.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def token_stream(path: Path, tokenizer, eod_between_docs: bool, repeat: int, stats: WikiStats,
                  batch: int = 2048) -> Iterator[np.ndarray]:
-    for _ in range(repeat):
-        for block in read_blocks(path):
-            pending: list[str | None] = list(paragraphs(block, stats, eod_between_docs))
-            for i in range(0, len(pending), batch):
-                chunk = pending[i:i + batch]
-                texts = [p for p in chunk if p is not None]
-                encoded = iter(tokenizer.encode_batch_fast(texts, add_special_tokens=False))
-                for p in chunk:
-                    if p is None:
-                        yield np.array([PAD_ID], dtype=np.int32)
-                    else:
-                        yield np.asarray(next(encoded).ids, dtype=np.int32)
+    def cleaned_blocks():
+        for _ in range(repeat):
+            for block in read_blocks(path):
+                yield list(paragraphs(block, stats, eod_between_docs))
+
+    for pending in prefetched(cleaned_blocks()):
+        for i in range(0, len(pending), batch):
+            chunk = pending[i:i + batch]
+            encoded = iter(tokenizer.encode_batch_fast([p for p in chunk if p is not None],
+                                                       add_special_tokens=False))
+            for p in chunk:
+                if p is None:
+                    yield np.array([PAD_ID], dtype=np.int32)
+                else:
+                    yield np.asarray(next(encoded).ids, dtype=np.int32)
 
 
 def rows_from_file(path: Path, tokenizer, seq_length: int, eod_between_docs: bool, repeat: int,
