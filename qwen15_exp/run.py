@@ -30,8 +30,11 @@ def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
         from qwen15_exp.data.mindrecord import inspect_mindrecord
         folder, columns, rows = inspect_mindrecord(Path(exp.data.input))
         return Dataset(str(folder), tuple(columns), rows)
-    from qwen15_exp.data.prepare import prepare
+    from qwen15_exp.data.prepare import prepare, summary_lines
     prepared = prepare(exp.data, exp.data.seq_length, show_progress=show_progress)
+    print(f"data: {'reused the cached' if prepared.reused else 'prepared'} MindRecord {prepared.folder}")
+    for line in summary_lines(prepared.summary):
+        print(f"  {line}")
     return Dataset(str(prepared.folder), tuple(prepared.summary["columns"]), prepared.rows)
 
 

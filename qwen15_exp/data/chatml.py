@@ -64,7 +64,10 @@ def tokenize_conversations(tokenizer, conversations: Iterable[list[dict]], mask_
     buf: list[tuple[str, list]] = []
 
     def flush():
-        encs = tokenizer.encode_batch([t for t, _ in buf], add_special_tokens=False)
+        texts = [t for t, _ in buf]
+        # offsets are only needed to find the answers; the fast path skips computing them
+        encs = (tokenizer.encode_batch(texts, add_special_tokens=False) if mask_prompt
+                else tokenizer.encode_batch_fast(texts, add_special_tokens=False))
         for enc, (_, spans) in zip(encs, buf):
             ids = np.asarray(enc.ids, dtype=np.int32)
             if mask_prompt:
