@@ -31,6 +31,12 @@ def app(cfg: DictConfig) -> None:
         job = OmegaConf.to_object(cfg)
         data = absolutize_data(job.data)
         out = Path(absolute_path(job.output)) if job.output else None
+        if job.chatml_output:
+            if data.format != "alpaca":
+                raise UserError(f"chatml_output converts alpaca records; data.format is {data.format}")
+            from qwen15_exp.data.alpaca import iter_alpaca, write_chatml_jsonl
+            n = write_chatml_jsonl(iter_alpaca(data.input, data.system_prompt), absolute_path(job.chatml_output))
+            print(f"ChatML: {n} conversations written to {absolute_path(job.chatml_output)}")
         prepared = prepare(data, data.seq_length, out_dir=out, show_progress=job.progress)
     except MissingMandatoryValue as e:
         print(f"error: {e.full_key} is required; set it on the command line ({e.full_key}=...)", file=sys.stderr)

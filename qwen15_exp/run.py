@@ -28,7 +28,10 @@ def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
         return None
     if exp.data.format == "mindrecord":
         from qwen15_exp.data.mindrecord import inspect_mindrecord
-        folder, columns, rows = inspect_mindrecord(Path(exp.data.input))
+        folder, columns, rows, width = inspect_mindrecord(Path(exp.data.input))
+        if width != exp.data.seq_length + 1:
+            raise UserError(f"{exp.data.input} holds rows of {width} tokens, but data.seq_length="
+                            f"{exp.data.seq_length} needs {exp.data.seq_length + 1}; set data.seq_length={width - 1}")
         return Dataset(str(folder), tuple(columns), rows)
     from qwen15_exp.data.prepare import prepare, summary_lines
     prepared = prepare(exp.data, exp.data.seq_length, show_progress=show_progress)

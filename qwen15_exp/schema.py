@@ -240,6 +240,7 @@ class PrepareJob:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     output: str = ""
+    chatml_output: str = ""       # alpaca only: also write the converter's ChatML JSON Lines here
     progress: bool = True
 
 

@@ -215,3 +215,22 @@ def test_bad_chatml_lines_name_the_line(tmp_path):
 def test_missing_input(tmp_path):
     with pytest.raises(UserError, match="not found"):
         prepare(data_cfg(tmp_path, "alpaca", tmp_path / "nope.json"), 32, show_progress=False)
+
+
+def test_sharded_output(tmp_path):
+    src = write_alpaca(tmp_path, [{"instruction": f"Q{i}", "input": "", "output": "A"} for i in range(10)])
+    prepared = prepare(data_cfg(tmp_path, "alpaca", src, file_partition=2), 32, show_progress=False)
+    assert [f.name for f in prepared.files] == ["train.mindrecord0", "train.mindrecord1"]
+    assert len(read_rows(prepared.folder)) == 10
+
+
+def test_prepare_command_writes_chatml_and_mindrecord(tmp_path):
+    from conftest import run_cli
+    src = write_alpaca(tmp_path, [{"instruction": "Q", "input": "x", "output": "A"}] * 4)
+    r = run_cli(["data=alpaca", f"data.input={src}", "data.seq_length=64", f"output={tmp_path / 'mr'}",
+                 f"chatml_output={tmp_path / 'conv.jsonl'}"], tmp_path, module="qwen15_exp.prepare")
+    assert r.returncode == 0, r.stderr
+    assert "4 rows of 65 tokens" in r.stdout and (tmp_path / "mr" / "train.mindrecord").is_file()
+    assert json.loads((tmp_path / "conv.jsonl").read_text().splitlines()[0])["messages"][1]["content"] == "Q: x"
+    r = run_cli(["data=wiki"], tmp_path, module="qwen15_exp.prepare")
+    assert r.returncode == 2 and "data.input is required" in r.stderr and "Traceback" not in r.stderr

@@ -40,8 +40,8 @@ def data_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob(FILE_NAME + "*") if not p.name.endswith(".db"))
 
 
-def inspect_mindrecord(path: Path) -> tuple[Path, list[str], int]:
-    """(folder, columns, rows) of a MindRecord file or of the folder holding one."""
+def inspect_mindrecord(path: Path) -> tuple[Path, list[str], int, int]:
+    """(folder, columns, rows, row width) of a MindRecord file or of the folder holding one."""
     from qwen15_exp.errors import UserError
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.glob("*.mindrecord*") if not p.name.endswith(".db"))
@@ -53,4 +53,5 @@ def inspect_mindrecord(path: Path) -> tuple[Path, list[str], int]:
     if "input_ids" not in columns:
         raise UserError(f"{files[0]} has columns {columns}; MindFormers needs input_ids (and labels for finetune)")
     keep = [c for c in ("input_ids", "labels") if c in columns]
-    return files[0].parent, keep, dataset.get_dataset_size()
+    first = next(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
+    return files[0].parent, keep, dataset.get_dataset_size(), int(first["input_ids"].shape[-1])
