@@ -33,8 +33,15 @@ def host_memory_gb() -> float:
         return 8.0
 
 
+def _cpu(key: str):
+    from qwen15_exp.estimate.cpu_calibration import load
+    return load()[key]
+
+
 def register_resolvers() -> None:
     resolvers = {
+        "q15.cpu_tflops": lambda: _cpu("fp32_tflops"),
+        "q15.cpu_bandwidth_gbs": lambda: _cpu("bandwidth_gbs"),
         "q15.sample": sample_path,
         "q15.cpu_count": lambda: os.cpu_count() or 1,
         "q15.host_memory_gb": host_memory_gb,

@@ -11,6 +11,7 @@ from pathlib import Path
 from qwen15_exp import mindformers_config
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import MemoryEstimate, estimate_memory, total_params
+from qwen15_exp.estimate.throughput import ThroughputEstimate, estimate_throughput
 from qwen15_exp.layout import choose_launcher, devices, global_batch, nodes
 
 
@@ -35,14 +36,16 @@ class Plan:
     steps: int | None
     params_total: int
     memory: MemoryEstimate
+    throughput: ThroughputEstimate | None
     mindformers: dict
     adaptations: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("mindformers", "memory")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("mindformers", "memory", "throughput")}
         d["run_dir"] = str(self.run_dir)
         d["memory"] = self.memory.as_dict()
+        d["throughput"] = self.throughput.as_dict() if self.throughput else None
         return d
 
 
@@ -82,5 +85,6 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, tokenizer_file
         run_dir=run_dir, launcher=launcher, executes=executes, why=why, devices=devices(exp),
         nodes=nodes(exp), devices_per_node=exp.hardware.devices_per_node, global_batch=gb,
         tokens_per_step=gb * exp.data.seq_length if train else 0, steps=steps,
-        params_total=total_params(exp.model), memory=estimate_memory(exp), mindformers=cfg,
+        params_total=total_params(exp.model), memory=estimate_memory(exp),
+        throughput=estimate_throughput(exp), mindformers=cfg,
         adaptations=adaptations, env=env)

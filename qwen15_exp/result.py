@@ -53,6 +53,15 @@ def summary_text(result: dict) -> str:
         f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({'fits' if mem['fits'] else 'OVER'})",
         f"  launcher {p['launcher']}: {p['why']}",
     ]
+    est = p.get("throughput")
+    if est:
+        unit = "tokens/s/p" if est["kind"] == "train" else "tokens/s"
+        figure = est["tokens_per_s_per_device"] if est["kind"] == "train" else est["tokens_per_s"]
+        terms = "  ".join(f"{k} {v:.3g}s" for k, v in est["terms_s"].items() if v)
+        lines.append(f"  estimate {figure:,.0f} {unit}  ({terms})")
+    ref = result.get("reference") or {}
+    if ref.get("figure"):
+        lines.append(f"  published {ref['figure']:,} {ref['unit']} on {ref['table']}")
     for a in p.get("adaptations", []):
         lines.append(f"  adapted: {a}")
     if m:

@@ -184,9 +184,11 @@ class HardwareConfig:
     intra_node_bandwidth_gbs: float = 0.0
     inter_node_bandwidth_gbs: float = 0.0
     max_dataset_workers: Optional[int] = None    # cap on train_dataset.num_parallel_workers
+    shared_node_compute: bool = False     # cpu: the devices of a node (msrun workers) share its cores
     jit_level: str = "O1"
     mode: int = 0                         # 0 GRAPH, 1 PYNATIVE
     context: Dict[str, Any] = field(default_factory=dict)        # extra context keys
+    estimate: Dict[str, float] = field(default_factory=dict)     # throughput-model constants (estimate/)
     env: Dict[str, str] = field(default_factory=dict)
     supports: Supports = field(default_factory=Supports)
     sources: List[str] = field(default_factory=list)

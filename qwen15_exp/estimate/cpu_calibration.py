@@ -1,0 +1,80 @@
+"""Measure this machine's CPU for the `cpu` hardware profile: fp32 matmul rate and memory bandwidth.
+
+    python -m qwen15_exp.estimate.cpu_calibration        # measure again and print
+
+The profile reads the figures through resolvers (`${q15.cpu_tflops:}`, `${q15.cpu_bandwidth_gbs:}`); they
+are measured once (about half a second, numpy's BLAS on every core, a 256 MB copy) and cached in
+~/.cache/qwen15_exp/cpu_calibration.json, keyed by CPU model and core count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def cache_file() -> Path:
+    return Path(os.path.expanduser("~")) / ".cache" / "qwen15_exp" / "cpu_calibration.json"
+
+
+def machine_key() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor()
+    return f"{model}|{os.cpu_count()}"
+
+
+def measure() -> dict:
+    import numpy as np
+    n = 1024
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.copy()
+    a @ b                                           # warm-up (thread pool, caches)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    gflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    src = np.ones(32 * 2**20, dtype=np.float64)     # 256 MB
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, src)
+    bandwidth = 3 * 2 * src.nbytes / (time.perf_counter() - t0) / 1e9   # read + write
+    return {"key": machine_key(), "fp32_tflops": round(gflops / 1000, 4), "bandwidth_gbs": round(bandwidth, 2)}
+
+
+def load(refresh: bool = False) -> dict:
+    path = cache_file()
+    if not refresh and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == machine_key():
+                return cached
+        except (OSError, ValueError):
+            pass
+    figures = measure()
+    from qwen15_exp.io import write_json
+    try:
+        write_json(path, figures)
+    except OSError:
+        pass                                        # a read-only home still gets the figures
+    return figures
+
+
+def main() -> None:
+    f = load(refresh=True)
+    print(f"cpu: {f['key']}\n  fp32 matmul {f['fp32_tflops'] * 1000:.1f} GFLOP/s   memory {f['bandwidth_gbs']:.1f} GB/s"
+          f"\n  cached in {cache_file()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Report step: a sweep's result.json files -> sweep_report.md, .csv and .png in the sweep dir.
+
+Per job: the published figure (where the job reproduces a table row), the estimate, the measurement (where
+it ran), their ratios, and whether the memory estimate fits. A Hydra callback writes it at the end of every
+multirun; `python -m qwen15_exp.report SWEEP_DIR` writes it again.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from qwen15_exp.io import atomic_path, write_text
+
+COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
+           "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits"]
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def row_of(job: str, result: dict) -> dict:
+    plan = result.get("plan") or {}
+    est = plan.get("throughput") or {}
+    measured = result.get("measured") or {}
+    ref = result.get("reference") or {}
+    train = est.get("kind", "train") == "train"
+    unit = ref.get("unit") or ("tokens/s/p" if train else "tokens/s")
+    per_device = unit.endswith("/p")
+    estimated = est.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
+    got = measured.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
+    mem = plan.get("memory") or {}
+    return {
+        "job": job, "experiment": result.get("experiment"), "model": result.get("model"),
+        "phase": result.get("phase"), "parallel": result.get("parallel"), "hardware": result.get("hardware"),
+        "status": result.get("status"), "unit": unit, "published": ref.get("figure"),
+        "estimated": round(estimated, 1) if estimated else None, "measured": round(got, 1) if got else None,
+        "est/pub": _ratio(estimated, ref.get("figure")), "meas/pub": _ratio(got, ref.get("figure")),
+        "est/meas": _ratio(estimated, got),
+        "memory_gb": round(mem["total_gb"], 2) if mem else None,
+        "budget_gb": mem.get("budget_gb"), "fits": mem.get("fits"),
+    }
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(Path(sweep_dir).glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        rows.append(row_of(path.parent.name, json.loads(path.read_text())))
+    return rows
+
+
+def accuracy(rows: list[dict], key: str) -> dict | None:
+    errors = [abs(r[key] - 1) for r in rows if r.get(key)]
+    if not errors:
+        return None
+    return {"n": len(errors), "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors)}
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    out = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        out.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+    out.append("")
+    for key, what in (("est/pub", "estimate vs published"), ("est/meas", "estimate vs measured"),
+                      ("meas/pub", "measured vs published")):
+        for kind, subset in (("training", [r for r in rows if r["unit"].endswith("/p")]),
+                             ("predict", [r for r in rows if not r["unit"].endswith("/p")])):
+            acc = accuracy(subset, key)
+            if acc:
+                out.append(f"- {what}, {kind} rows: n={acc['n']}, median |ratio - 1| = "
+                           f"{100 * acc['median_abs_error']:.1f} %, worst = {100 * acc['worst_abs_error']:.1f} %")
+    out += ["", "Estimates come from qwen15_exp/estimate (FLOPs, bytes and the hardware profile's few constants,",
+            "calibrated on the Atlas 800T A2 training rows only). Predict estimates assume batch 1, a 256-token",
+            "prompt and 256 new tokens; the published predict figures do not state their batch, so their error",
+            "says more about that assumption than about the model.", ""]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['job']}:{r['model']} {r['phase']}\n{r['parallel']}" for r in rows]
+    series = [("published", "published", "#4c72b0"), ("estimated", "estimated", "#dd8452"),
+              ("measured", "measured", "#55a868")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    width = 0.27
+    for i, (key, name, color) in enumerate(series):
+        xs = [j + (i - 1) * width for j in range(len(rows))]
+        ys = [r[key] or 0 for r in rows]
+        if any(ys):
+            ax.bar(xs, ys, width, label=name, color=color)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s (per device for training)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(sweep_dir: Path, title: str | None = None) -> list[Path]:
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        return []
+    title = title or f"qwen15_exp sweep {sweep_dir}"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = [write_text(sweep_dir / "sweep_report.md", markdown(rows, title)),
+             write_text(sweep_dir / "sweep_report.csv", buf.getvalue())]
+    plot(rows, sweep_dir / "sweep_report.png", title)
+    return paths + [sweep_dir / "sweep_report.png"]
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the sweep report when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {config.get('experiment_name', '')}")
+        if paths:
+            print(f"sweep report: {paths[0]}")
+            print(paths[0].read_text())
+
+
+if __name__ == "__main__":
+    for p in write_report(Path(sys.argv[1])):
+        print(p)
