@@ -99,23 +99,27 @@ def params_per_device(exp) -> int:
     return int(layer_w + heads + m.hidden_size)
 
 
+def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, seq_parallel: bool, flash: bool,
+                           selective: bool, full_recompute: bool, dtype_bytes: int = 2) -> float:
+    """Korthikanti et al. 2022, Table 2: activation bytes one layer keeps for the backward pass."""
+    scale = dtype_bytes / 2                        # the paper counts 16-bit activations
+    if full_recompute:
+        return 2 * s * b * h * scale / (t if seq_parallel else 1)
+    score = 0 if (flash or selective) else 5 * a * s / h
+    if seq_parallel:
+        return s * b * h * (34 + score) / t * scale
+    return s * b * h * (10 + 24 / t + score / t) * scale
+
+
 def activation_bytes(exp, dtype_bytes: int) -> float:
     m, p, ph = exp.model, exp.parallel, exp.phase
-    s, b, h, a = exp.data.seq_length, ph.batch_size, m.hidden_size, m.num_heads
+    s, b = exp.data.seq_length, ph.batch_size
     t = p.model_parallel
     layers = max(stage_layers(m.num_layers, p.pipeline_stage, p.offset))
-    scale = dtype_bytes / 2                        # the formula counts 16-bit activations
-    rc = ph.recompute
-    if rc.recompute:
-        per_layer = 2 * s * b * h * scale / (t if p.use_seq_parallel else 1)
-    else:
-        score = 0 if (ph.use_flash_attention and exp.hardware.supports.flash_attention) else 5 * a * s / h
-        if rc.select_recompute:
-            score = 0
-        per_layer = s * b * h * (34 + score) * scale
-        per_layer /= t if p.use_seq_parallel else 1
-        if not p.use_seq_parallel and t > 1:       # only the tensor-parallel part is split
-            per_layer = s * b * h * (10 + 24 / t + score / t) * scale
+    per_layer = layer_activation_bytes(
+        s, b, m.hidden_size, m.num_heads, t, p.use_seq_parallel and t > 1,
+        ph.use_flash_attention and exp.hardware.supports.flash_attention, ph.recompute.select_recompute,
+        ph.recompute.recompute, dtype_bytes)
     in_flight = min(p.pipeline_stage, p.micro_batch_num) if p.pipeline_stage > 1 else 1
     logits = 4 * s * b * m.vocab_size / (1 if p.vocab_emb_dp else t)   # fp32 logits for the loss
     return per_layer * layers * in_flight + logits

@@ -1,0 +1,97 @@
+"""Memory and throughput estimates against worked numbers, and the published tables they reproduce."""
+import statistics
+
+import pytest
+
+from qwen15_exp.estimate.memory import GB, estimate_memory, layer_activation_bytes, params_per_device, stage_layers
+from qwen15_exp.estimate.throughput import estimate_predict, estimate_train, matmul_params, train_flops_per_token
+from qwen15_exp.compose import group_options
+from conftest import make_experiment
+
+# GPT-3 175B, the worked example of Korthikanti et al. 2022: s=2048, b=1, h=12288, a=96, t=8.
+GPT3 = dict(s=2048, b=1, h=12288, a=96, t=8)
+
+
+def test_korthikanti_activation_memory_per_layer():
+    sbh = 2048 * 12288
+    # tensor parallel only: sbh (10 + 24/t + 5as/(ht)) = sbh x 23
+    assert layer_activation_bytes(**GPT3, seq_parallel=False, flash=False, selective=False,
+                                  full_recompute=False) == sbh * 23
+    # tensor + sequence parallel + selective recompute: 34 sbh / t
+    assert layer_activation_bytes(**GPT3, seq_parallel=True, flash=False, selective=True,
+                                  full_recompute=False) == 34 * sbh / 8
+    # no parallelism: sbh (34 + 5as/h) = sbh x 114
+    assert layer_activation_bytes(2048, 1, 12288, 96, 1, False, False, False, False) == sbh * 114
+    # full recompute keeps the layer input only: 2 sbh (/t with sequence parallel)
+    assert layer_activation_bytes(**GPT3, seq_parallel=True, flash=False, selective=False,
+                                  full_recompute=True) == 2 * sbh / 8
+
+
+def test_72b_parameter_memory_under_mp8pp4():
+    exp = make_experiment(["model=72b", "parallel=mp8pp4", "hardware=atlas_800t_a2"])
+    assert stage_layers(80, 4, 0) == [20, 20, 20, 20]
+    # 20 layers / 8 + the mp-sharded 152064 x 8192 embedding (first stage) + the final norm
+    assert params_per_device(exp) == 20 * 872_456_192 // 8 + 152064 * 8192 // 8 + 8192 == 2_336_862_208
+    mem = estimate_memory(exp)
+    assert mem.weights_gb == pytest.approx(2_336_862_208 * 4 / GB)      # fp32 master weights
+    assert mem.gradients_gb == pytest.approx(mem.weights_gb)
+    assert mem.optimizer_gb == pytest.approx(2 * mem.weights_gb)         # AdamW m and v, dp=1: no sharding
+
+
+def test_parallel_optimizer_shards_by_dp_and_offsets_shift_layers():
+    single = estimate_memory(make_experiment(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2",
+                                              "parallel.enable_parallel_optimizer=false"]))
+    sharded = estimate_memory(make_experiment(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2"]))
+    assert sharded.optimizer_gb == pytest.approx(single.optimizer_gb / 8)
+    assert stage_layers(40, 4, [-1, 1, 1, -1]) == [9, 11, 11, 9]
+
+
+def test_kv_cache_of_paged_attention():
+    exp = make_experiment(["+experiment=recipe/predict_72b_chat"])
+    # 2 (k, v) x 80 layers x 512 blocks x 32 tokens x 8192 x 2 bytes, over mp=4
+    assert estimate_memory(exp).kv_cache_gb == pytest.approx(2 * 80 * 512 * 32 * 8192 * 2 / 4 / GB)
+
+
+def test_training_flops_per_token():
+    exp = make_experiment(["+experiment=recipe/finetune_7b"])
+    n = matmul_params(exp.model)
+    assert n == 32 * 202_395_648 + 151936 * 4096      # 4h² + 3hf + q/k/v bias + 2 norms, + lm_head
+    attn = 32 * 4096 * 4096
+    assert train_flops_per_token(exp) == 8 * n + 8 * attn                # full recompute: one more forward
+
+
+def test_pipeline_bubble_and_comm_terms_behave():
+    base = estimate_train(make_experiment(["+experiment=recipe/finetune_72b"]))
+    more_micro = estimate_train(make_experiment(["+experiment=recipe/finetune_72b", "parallel.micro_batch_num=256"]))
+    assert base.terms_s["pipeline_bubble"] == pytest.approx(base.terms_s["compute"] * 3 / 64)
+    assert more_micro.terms_s["pipeline_bubble"] / more_micro.terms_s["compute"] == pytest.approx(3 / 256)
+    assert base.terms_s["tensor_parallel_comm"] > 0 and base.terms_s["data_parallel_comm"] == 0
+
+
+def test_predict_is_memory_bound_and_states_its_batch():
+    est = estimate_predict(make_experiment(["+experiment=recipe/predict_7b_chat"]))
+    assert est.terms_s["weights_read_per_token"] == pytest.approx(7_721_324_544 * 2 / (1600e9 * 0.7), rel=0.01)
+    assert "batch 1" in est.assumptions
+
+
+def published_rows(table):
+    rows = []
+    for row in group_options(f"table/{table}"):
+        exp = make_experiment([f"+table={table}/{row}"])
+        rows.append((row, exp))
+    return rows
+
+
+def test_table_rows_compose_from_their_recipes():
+    rows = dict(published_rows("800t_a2"))
+    assert len(rows) == 10 and len(published_rows("900_a2_podc")) == 6
+    assert rows["finetune_7b"].reference["figure"] == 2684 and rows["finetune_7b"].parallel.name == "dp8"
+    assert rows["predict_32b_chat"].data.seq_length == 4096          # the table's length, not the YAML's 8192
+    assert all(exp.hardware.name == "atlas_900_a2_podc" for _, exp in published_rows("900_a2_podc"))
+
+
+def test_training_estimate_accuracy_on_the_900_a2_podc_rows():
+    """Constants calibrated on the three 800T A2 training rows; checked on the six 900 A2 PoDc rows."""
+    errors = [abs(estimate_train(exp).tokens_per_s_per_device / exp.reference["figure"] - 1)
+              for _, exp in published_rows("900_a2_podc")]
+    assert statistics.median(errors) <= 0.20 and max(errors) <= 0.50
