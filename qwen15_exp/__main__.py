@@ -23,6 +23,7 @@ from qwen15_exp.errors import UserError  # noqa: E402
 from qwen15_exp.schema import register_configs  # noqa: E402
 
 _task_started = False
+_failed_jobs: list[str] = []
 
 
 def _report_user_error(message: str) -> None:
@@ -44,6 +45,16 @@ def app(cfg: DictConfig) -> dict | None:
         message = f"{e.full_key} is required and has no value; set it on the command line ({e.full_key}=...)"
     except UserError as e:
         message = str(e)
+    except Exception as e:
+        if not multirun:
+            raise
+        # one failed job must not hide the others: record it, finish the sweep, exit non-zero at the end
+        import traceback
+        traceback.print_exc()
+        _failed_jobs.append(run_dir)
+        write_json(f"{run_dir}/result.json", {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                              "run_dir": run_dir})
+        return None
     if multirun:           # one bad job must not stop the sweep; the report shows it
         _report_user_error(message)
         write_json(f"{run_dir}/result.json", {"status": "invalid", "error": message, "run_dir": run_dir})
@@ -63,6 +74,9 @@ def main() -> None:
         sys.exit(2)
     try:
         app()
+        if _failed_jobs:
+            print(f"error: {len(_failed_jobs)} job(s) failed: {', '.join(_failed_jobs)}", file=sys.stderr)
+            sys.exit(1)
     except SystemExit as e:
         # Hydra reports a bad override or an unknown group option itself and exits with 1, before our task
         # starts; that is a usage error like any other: exit code 2.
