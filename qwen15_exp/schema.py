@@ -246,6 +246,17 @@ class PrepareJob:
     progress: bool = True
 
 
+@dataclass
+class ConvertJob:
+    model: ModelConfig = MISSING
+    direction: str = "hf2mf"      # hf2mf | mf2hf
+    input: str = MISSING
+    output: str = MISSING
+    dtype: str = "keep"           # keep | bf16 | fp16 | fp32
+    shard_gb: float = 5.0
+    progress: bool = True
+
+
 GROUP_SCHEMAS = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -259,5 +270,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=Experiment)
     cs.store(name="prepare_schema", node=PrepareJob)
+    cs.store(name="convert_schema", node=ConvertJob)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group="schema", name=group, node=schema)
