@@ -51,3 +51,18 @@ def test_multirun_of_plans_gives_one_result_per_job(tmp_path):
     results = sorted(tmp_path.glob("outputs/multirun/*/*/*/result.json"))
     assert [read_json(p)["model"] for p in results] == ["0_5b", "1_8b", "4b"]
     assert all(read_json(p)["status"] == "planned" for p in results)
+    sweep = results[0].parent.parent
+    report = (sweep / "sweep_report.md").read_text()
+    assert report.count("| planned |") == 3 and (sweep / "sweep_report.png").stat().st_size > 1000
+    assert (sweep / "sweep_report.csv").read_text().splitlines()[0].startswith("job,experiment,model")
+
+
+def test_published_table_sweep_reports_estimate_against_published(tmp_path):
+    r = run_cli(["-m", "+experiment=table_900_a2_podc"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import csv
+    sweep = next(tmp_path.glob("outputs/multirun/*/*"))
+    rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
+    assert [int(float(row["published"])) for row in rows] == [21171, 11241, 4844, 671, 787, 183]
+    assert all(row["est/pub"] and row["fits"] == "True" for row in rows)
+    assert "estimate vs published, training rows: n=6" in (sweep / "sweep_report.md").read_text()

@@ -86,3 +86,14 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     results = sorted(tmp_path.glob("outputs/multirun/*/*/*/result.json"))
     assert sorted(read_json(p)["model"] for p in results) == ["0_5b", "7b"]
     assert list(tmp_path.glob("outputs/multirun/*/*/.submitit"))         # submitit's own job folders
+
+
+@pytest.mark.slow
+def test_cpu_sweep_measures_and_estimates(tmp_path):
+    r = run_cli(["-m", "model=tiny", "parallel=single,dp2", "hardware=cpu", "phase.max_steps=6"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import csv
+    sweep = next(tmp_path.glob("outputs/multirun/*/*"))
+    rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
+    assert [row["parallel"] for row in rows] == ["single", "dp2"]
+    assert all(float(row["measured"]) > 0 and float(row["estimated"]) > 0 and row["est/meas"] for row in rows)
