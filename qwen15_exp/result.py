@@ -64,15 +64,17 @@ def summary_text(result: dict) -> str:
         lines.append(f"  published {ref['figure']:,} {ref['unit']} on {ref['table']}")
     for a in p.get("adaptations", []):
         lines.append(f"  adapted: {a}")
-    if m:
+    if m and "steps" in m:
         lines.append(f"  steps {m['steps']}   loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}"
                      f" ({'down' if m['loss_decreased'] else 'NOT down'})")
         if m.get("tokens_per_s"):
             lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s   "
                          f"first step at {m['time_to_first_step_s']:.1f} s   wall {result['wall_time_s']:.1f} s")
     if result.get("generated"):
+        lines.append(f"  generated {m['generated_tokens']} tokens at {m['tokens_per_s']} tokens/s "
+                     f"(weights: {m['weights']})")
         for g in result["generated"]:
-            lines.append(f"  > {g['prompt']!r} -> {g['text']!r}")
+            lines.append(f"  > {g['prompt']!r} -> {g['text'][:120]!r}")
     if result["status"] == "planned":
         lines.append("  NOTHING WAS EXECUTED. On the cluster, from a copy of the run dir on every node:")
         for i, script in enumerate(result.get("launch_scripts", [])):

@@ -63,7 +63,11 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
         "run_dir": str(run_dir), "plan": plan.summary(), "data": asdict(dataset) if dataset else None,
         "reference": dict(exp.reference), "versions": versions(), "measured": None,
     }
-    if plan.launcher == "local":
+    if plan.launcher == "local" and exp.phase.run_mode == "predict":
+        from qwen15_exp.launch.local import run_predict
+        result["measured"], result["generated"] = run_predict(plan, exp)
+        result["status"] = "ok"
+    elif plan.launcher == "local":
         from qwen15_exp.launch.local import run_local
         result["measured"] = run_local(plan, yaml_path, process_t0)
         result["status"] = "ok"

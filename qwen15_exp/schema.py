@@ -225,6 +225,15 @@ class LaunchConfig:
 
 
 @dataclass
+class ChatOptions:
+    mode: str = "interactive"             # interactive | demo | batch
+    questions: List[str] = field(default_factory=list)
+    history: bool = True
+    max_new_tokens: Optional[int] = None  # None: seq_length // 4, as the seed's chat
+    seed: Optional[int] = None
+
+
+@dataclass
 class Experiment:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
@@ -232,6 +241,7 @@ class Experiment:
     hardware: HardwareConfig = MISSING
     data: DataConfig = MISSING
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    chat: ChatOptions = field(default_factory=ChatOptions)
     experiment_name: str = "default"
     reference: Dict[str, Any] = field(default_factory=dict)   # published figure for this run, if any
     mindformers: Dict[str, Any] = field(default_factory=dict)  # raw MindFormers keys, merged last

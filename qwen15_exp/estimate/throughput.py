@@ -123,6 +123,10 @@ def estimate_predict(exp, prompt_tokens: int = 256, new_tokens: int = 256) -> Th
     kv_read = batch * avg_context * kv_per_token / p.model_parallel
     mem_bw = hw.hbm_bandwidth_gbs * 1e9 * c["memory_efficiency"]
     decode = (w_bytes + kv_read) / mem_bw + c.get("decode_overhead_ms", 0.0) / 1000
+    cached = exp.phase.generation.use_past and exp.hardware.supports.kv_cache
+    if not cached:                         # no KV cache (CPU): every token recomputes the whole context
+        decode += 2 * matmul_params(m) * avg_context * batch / (
+            p.model_parallel * peak_flops(exp) * c["compute_efficiency"])
     prefill = 2 * matmul_params(m) * prompt_tokens * batch / (
         p.model_parallel * peak_flops(exp) * c["compute_efficiency"])
     total = prefill + new_tokens * decode
@@ -130,7 +134,8 @@ def estimate_predict(exp, prompt_tokens: int = 256, new_tokens: int = 256) -> Th
     return ThroughputEstimate(
         kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / devices(exp), step_s=decode,
         terms_s={"decode_per_token": decode, "prefill": prefill, "weights_read_per_token": w_bytes / mem_bw},
-        assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, KV cache on, "
+        assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, "
+                    f"KV cache {'on' if cached else 'off (full recompute per token)'}, "
                     f"HBM {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
 
 

@@ -71,3 +71,37 @@ def run_local(plan, yaml_path: Path, process_t0: float) -> dict:
         losses=recorder.losses, step_times=recorder.step_times(), tokens_per_step=plan.tokens_per_step,
         devices=plan.devices, first_step_s=(recorder.step_end_unix[0] - process_t0) if recorder.step_end_unix
         else None, train_call_s=t_end - t_call, peak_rss_mb=peak_rss_mb())
+
+
+def run_predict(plan, exp) -> tuple[dict, list[dict]]:
+    """Generate for phase.predict_data (ChatML-wrapped for phase=chat); measure decode speed."""
+    from qwen15_exp.data.tokenizer import load_tokenizer
+    from qwen15_exp.launch.generate import Generator, mindformers_weights
+
+    tok = load_tokenizer(exp.data.tokenizer_dir or None)
+    g = exp.phase.generation
+    kwargs = {"do_sample": g.do_sample, "top_k": g.top_k, "top_p": g.top_p,
+              "repetition_penalty": g.repetition_penalty, "eos_token_id": list(g.eos_token_id)}
+    if g.temperature is not None:
+        kwargs["temperature"] = g.temperature
+    max_new = g.max_new_tokens or max(1, exp.data.seq_length // 4)
+    generated, tokens, seconds = [], 0, 0.0
+    with inside(plan.run_dir, mindformers_env(plan.run_dir)):
+        ckpt = mindformers_weights(exp.phase.load_checkpoint) if exp.phase.load_checkpoint else ""
+        generator = Generator(plan.mindformers, ckpt)
+        for prompt in exp.phase.predict_data:
+            if exp.phase.chat:
+                from qwen15_exp.chat import cut_at_stop, make_context
+                ids = make_context(tok, prompt, [], exp.phase.system_prompt, exp.data.seq_length - max_new - 1)
+            else:
+                ids = tok.encode(prompt, add_special_tokens=False).ids
+            new, secs = generator.generate(ids, max_new, **kwargs)
+            text_ids = cut_at_stop(new) if exp.phase.chat else new
+            generated.append({"prompt": prompt, "text": tok.decode(text_ids), "new_tokens": len(new),
+                              "seconds": round(secs, 3)})
+            tokens += len(new)
+            seconds += secs
+    measured = {"generated_tokens": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+                "tokens_per_s_per_device": round(tokens / seconds, 2) if seconds else None,
+                "weights": ckpt or "random (no phase.load_checkpoint)", "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return measured, generated

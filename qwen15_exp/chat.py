@@ -1,0 +1,195 @@
+"""`python -m qwen15_exp.chat`: multi-turn chat with a Qwen1.5 model in the ChatML template.
+
+    python -m qwen15_exp.chat model=0_5b phase.load_checkpoint=/path/Qwen1.5-0.5B-Chat     # interactive
+    python -m qwen15_exp.chat chat.mode=demo                                                  # preset questions
+    python -m qwen15_exp.chat chat.mode=batch chat.questions='[你好,"What is MindSpore?"]'
+
+Commands while chatting: /clear empties the history, /exit or /quit leaves. Tokens stream to the terminal
+as they come; the answer is cut at <|im_end|> (or <|im_start|>). The prompt follows the seed's
+make_context: the system turn, then history turns (newest kept first, while they fit in max_window_size),
+then the question and `<|im_start|>assistant\\n`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
+
+DEMO_QUESTIONS = ["你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题"]
+
+
+def turn(role: str, content: str) -> str:
+    return f"<|im_start|>{role}\n{content}<|im_end|>"
+
+
+def make_context(tokenizer, query: str, history: list[tuple[str, str]], system: str,
+                 max_window_size: int) -> list[int]:
+    """Prompt ids: system, as many recent history turns as fit, the query, the assistant opener."""
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    system_ids = ids(turn("system", system))
+    tail = ids("\n" + turn("user", query) + "\n<|im_start|>assistant\n")
+    context: list[int] = []
+    for q, a in reversed(history):
+        pair = ids("\n" + turn("user", q) + "\n" + turn("assistant", a))
+        if len(system_ids) + len(pair) + len(context) + len(tail) > max_window_size:
+            break
+        context = pair + context
+    return system_ids + context + tail
+
+
+def cut_at_stop(new_ids: list[int]) -> list[int]:
+    for i, t in enumerate(new_ids):
+        if t in (IM_END_ID, IM_START_ID):
+            return new_ids[:i]
+    return new_ids
+
+
+@dataclass
+class ChatSession:
+    generator: object
+    tokenizer: object
+    system: str
+    max_new_tokens: int
+    keep_history: bool = True
+    history: list = field(default_factory=list)
+    gen_kwargs: dict = field(default_factory=dict)
+    out: object = sys.stdout
+
+    @property
+    def max_window_size(self) -> int:
+        return self.generator.seq_length - self.max_new_tokens - 1
+
+    def ask(self, query: str) -> str:
+        prompt = make_context(self.tokenizer, query, self.history if self.keep_history else [], self.system,
+                              self.max_window_size)
+        streamed: list[int] = []
+        printed = [0]
+        stopped = [False]
+
+        def on_token(token: int):
+            if stopped[0] or token in (IM_END_ID, IM_START_ID):
+                stopped[0] = True
+                return
+            streamed.append(token)
+            text = self.tokenizer.decode(streamed)
+            if not text.endswith("\ufffd"):          # wait for the rest of a multi-byte character
+                self.out.write(text[printed[0]:])
+                self.out.flush()
+                printed[0] = len(text)
+
+        new_ids, seconds = self.generator.generate(prompt, self.max_new_tokens, on_token=on_token, **self.gen_kwargs)
+        answer = self.tokenizer.decode(cut_at_stop(new_ids)).strip()
+        self.out.write("\n")
+        self.out.write(f"[prompt {len(prompt)} tokens, history {len(self.history)} turns, "
+                       f"{len(new_ids)} new tokens in {seconds:.2f}s]\n")
+        self.out.flush()
+        if self.keep_history:
+            self.history.append((query, answer))
+        return answer
+
+
+def interactive(session: ChatSession, stdin=sys.stdin) -> None:
+    out = session.out
+    out.write("chat: /clear empties the history, /exit leaves\n")
+    while True:
+        out.write("user> ")
+        out.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        query = line.strip()
+        if not query:
+            continue
+        if query in ("/exit", "/quit"):
+            break
+        if query == "/clear":
+            session.history.clear()
+            out.write("history cleared\n")
+            continue
+        out.write("assistant> ")
+        session.ask(query)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from qwen15_exp.compose import conf_dir, register_resolvers, to_experiment
+    from qwen15_exp.errors import UserError
+    from qwen15_exp.validate import format_problems, validate
+
+    started = []
+
+    @hydra.main(config_path=str(conf_dir()), config_name="chat", version_base="1.3")
+    def app(cfg) -> None:
+        started.append(True)
+        try:
+            exp = to_experiment(cfg)
+            problems = [p for p in validate(exp) if p.key != "data"]
+            if problems:
+                raise UserError(format_problems(problems))
+            run_chat(exp, HydraConfig.get().runtime.output_dir)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    register_resolvers()
+    from qwen15_exp.schema import register_configs
+    register_configs()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 1 and not started:
+            sys.exit(2)
+        raise
+    _ = OmegaConf
+
+
+def run_chat(exp, run_dir: str) -> None:
+    from pathlib import Path
+
+    from qwen15_exp.errors import UserError
+    from qwen15_exp.launch.generate import Generator, mindformers_weights
+    from qwen15_exp.launch.local import inside, mindformers_env
+    from qwen15_exp.layout import choose_launcher
+    from qwen15_exp.plan import make_plan
+
+    launcher, executes, why = choose_launcher(exp)
+    if launcher != "local":
+        raise UserError(f"interactive chat runs on one device in this process; here: {why}. Use hardware=cpu "
+                        "(or a single NPU), or phase=chat with python -m qwen15_exp for a planned multi-device run")
+    plan = make_plan(exp, Path(run_dir))
+    opts = exp.chat
+    with inside(Path(run_dir), mindformers_env(Path(run_dir))):
+        ckpt = mindformers_weights(exp.phase.load_checkpoint) if exp.phase.load_checkpoint else ""
+        if not ckpt:
+            print("note: no phase.load_checkpoint given: the model has random weights (text is meaningless, "
+                  "the mechanics are real)")
+        generator = Generator(plan.mindformers, ckpt, quiet=True)
+        g = exp.phase.generation
+        gen_kwargs = {"do_sample": g.do_sample, "top_k": g.top_k, "top_p": g.top_p,
+                      "repetition_penalty": g.repetition_penalty, "eos_token_id": list(g.eos_token_id)}
+        if g.temperature is not None:
+            gen_kwargs["temperature"] = g.temperature
+        if opts.seed is not None:
+            gen_kwargs["seed"] = opts.seed
+        session = ChatSession(generator, load_tokenizer(exp.data.tokenizer_dir or None), exp.phase.system_prompt,
+                              opts.max_new_tokens or max(1, exp.data.seq_length // 4), keep_history=opts.history,
+                              gen_kwargs=gen_kwargs)
+        if opts.mode == "interactive":
+            interactive(session)
+        else:
+            questions = DEMO_QUESTIONS if opts.mode == "demo" else list(opts.questions or exp.phase.predict_data)
+            if opts.mode == "demo":
+                session.keep_history = True
+            for q in questions:
+                print(f"user> {q}\nassistant> ", end="", flush=True)
+                session.ask(q)
+
+
+if __name__ == "__main__":
+    main()

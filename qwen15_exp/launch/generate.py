@@ -1,0 +1,103 @@
+"""Text generation with MindFormers' own LlamaForCausalLM.generate, on the model a mindformers.yaml describes.
+
+On CPU two MindFormers defaults need help (both from the field notes): greedy decoding calls mint.argmax,
+whose ArgMaxExt kernel is Ascend-only, so the model's argmax is swapped for ops.Argmax; and sampling runs
+its logits processors in numpy (`postprocess_use_numpy`, set in the CPU config). The KV cache is Ascend-only
+too: the CPU config has use_past false, so each new token recomputes the sequence.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from qwen15_exp.errors import UserError
+
+
+def weights_cache_dir() -> Path:
+    return Path(os.path.expanduser("~")) / ".cache" / "qwen15_exp" / "weights"
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def mindformers_weights(path: str, show_progress: bool = True) -> str:
+    """A MindFormers checkpoint for `path`; a Hugging Face folder is converted once and cached."""
+    p = Path(path)
+    if not is_hf_folder(p):
+        return path
+    import hashlib
+    files = sorted(p.glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                         for f in files]).encode()).hexdigest()[:16]
+    out = weights_cache_dir() / f"{p.name}-{key}.safetensors"
+    if not out.is_file():
+        from qwen15_exp.convert import hf_to_mf
+        print(f"converting Hugging Face weights {p} -> {out} (once; cached)")
+        hf_to_mf(p, out, show_progress=show_progress)
+    return str(out)
+
+
+def load_params(network, checkpoint: str) -> None:
+    import mindspore as ms
+    fmt = "safetensors" if checkpoint.endswith(".safetensors") else "ckpt"
+    params = ms.load_checkpoint(checkpoint, format=fmt)
+    missing, _ = ms.load_param_into_net(network, params, strict_load=False)
+    missing = [m for m in missing if not m.startswith(("adam_", "global_step"))]
+    if missing:
+        raise UserError(f"{checkpoint} does not fit model: {len(missing)} parameters missing, e.g. {missing[:3]}; "
+                        "choose the model=<size> the weights belong to")
+
+
+class Streamer:
+    """MindFormers streamer protocol: the prompt first, then one token per step."""
+
+    def __init__(self, on_token):
+        self.on_token, self.seen_prompt = on_token, False
+
+    def put(self, value):
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.on_token(int(value[0] if hasattr(value, "__len__") else value))
+
+    def end(self):
+        pass
+
+
+class Generator:
+    def __init__(self, mf_config: dict, checkpoint: str = "", quiet: bool = False):
+        import mindspore as ms
+        from mindformers import LlamaConfig, LlamaForCausalLM
+        from mindformers.core.context import build_context
+        if quiet:                          # MindFormers logs every generate() call to stdout
+            import logging
+            for name, log in list(logging.root.manager.loggerDict.items()):
+                if "mindformers" in name and isinstance(log, logging.Logger):
+                    log.setLevel(logging.WARNING)
+
+        build_context({"context": mf_config["context"], "parallel": {"parallel_mode": 0}, "use_parallel": False,
+                       "postprocess_use_numpy": mf_config.get("postprocess_use_numpy", False)})
+        mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k != "type"}
+        self.seq_length = mc["seq_length"]
+        self.model = LlamaForCausalLM(LlamaConfig(**mc, checkpoint_name_or_path=""))
+        self.model.set_train(False)
+        if mf_config["context"].get("device_target") == "CPU":
+            argmax = ms.ops.Argmax(axis=-1, output_type=ms.int32)
+            object.__setattr__(self.model, "argmax", lambda x, dim=-1: argmax(x))
+        self.checkpoint = checkpoint
+        if checkpoint:
+            load_params(self.model, checkpoint)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None, **kwargs) -> tuple[list[int], float]:
+        """(new token ids, seconds). Generation stops at the configured eos ids or max_new_tokens."""
+        room = self.seq_length - len(prompt_ids)
+        if room < 1:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens and seq_length is {self.seq_length}; "
+                            "shorten it (or clear the history) or raise data.seq_length")
+        t0 = time.perf_counter()
+        out = self.model.generate([prompt_ids], max_new_tokens=min(max_new_tokens, room),
+                                  streamer=Streamer(on_token) if on_token else None, **kwargs)
+        return [int(x) for x in out[0][len(prompt_ids):]], time.perf_counter() - t0

@@ -1,0 +1,68 @@
+"""Chat mechanics (ChatML context, history, /clear, stop tokens, streaming) and real CPU generation."""
+import io
+
+import pytest
+
+from qwen15_exp.chat import ChatSession, cut_at_stop, interactive, make_context
+from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
+from conftest import only_run_dir, read_json, run_cli
+
+TOK = load_tokenizer()
+
+
+def test_context_is_the_seed_make_context():
+    ids = make_context(TOK, "Hi", [("Q1", "A1")], "You are a helpful assistant.", 1000)
+    assert TOK.decode(ids, skip_special_tokens=False) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ1"
+                               "<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+
+
+def test_old_history_is_dropped_when_the_window_is_full():
+    history = [(f"question {i}", "answer " * 20) for i in range(10)]
+    ids = make_context(TOK, "now", history, "sys", 120)
+    text = TOK.decode(ids)
+    assert len(ids) <= 120 and "question 9" in text and "question 0" not in text
+
+
+def test_cut_at_stop():
+    assert cut_at_stop([1, 2, IM_END_ID, 3]) == [1, 2] and cut_at_stop([5, IM_START_ID]) == [5]
+
+
+class ScriptedGenerator:
+    """Emits a fixed answer then <|im_end|> and more tokens, as a model would; records prompts."""
+    seq_length = 512
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompt, max_new_tokens, on_token=None, **kw):
+        self.prompts.append(prompt)
+        new = TOK.encode("Hello there 你好", add_special_tokens=False).ids + [IM_END_ID, 872, 198]
+        for t in new:
+            on_token(t)
+        return new, 0.01
+
+
+def test_interactive_session_keeps_history_clears_and_stops():
+    gen, out = ScriptedGenerator(), io.StringIO()
+    session = ChatSession(gen, TOK, "You are a helpful assistant.", 32, out=out)
+    interactive(session, io.StringIO("first\nsecond\n/clear\nthird\n/exit\nnever\n"))
+    assert len(gen.prompts) == 3
+    assert len(gen.prompts[1]) > len(gen.prompts[0])                   # history kept
+    assert gen.prompts[2] == make_context(TOK, "third", [], "You are a helpful assistant.", 479)   # cleared
+    text = out.getvalue()
+    assert text.count("Hello there 你好\n") == 3 and "user\n" not in text.split("assistant> ")[1]   # cut at im_end
+    assert "history cleared" in text and session.history == [("third", "Hello there 你好")]
+
+
+@pytest.mark.slow
+def test_chat_batch_and_predict_run_on_cpu(tmp_path):
+    r = run_cli(["chat.mode=batch", "chat.questions=[hello,'你好']", "chat.seed=0"], tmp_path, module="qwen15_exp.chat")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("user> ") == 2 and "history 1 turns" in r.stdout
+    (tmp_path / "p").mkdir()
+    r = run_cli(["phase=predict", "phase.predict_data=[hello world]"], tmp_path / "p")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = read_json(only_run_dir(tmp_path / "p") / "result.json")
+    assert result["status"] == "ok" and len(result["generated"]) == 1
+    assert result["measured"]["generated_tokens"] > 0 and result["measured"]["tokens_per_s"] > 0
