@@ -54,6 +54,11 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
     run_dir = Path(run_dir)
     _, executes, _ = choose_launcher(exp)
     dataset = prepare_dataset(exp, show_progress) if executes else None
+    if executes and exp.phase.load_checkpoint and exp.phase.run_mode != "predict":
+        from qwen15_exp.launch.generate import is_hf_folder, mindformers_weights
+        if is_hf_folder(Path(exp.phase.load_checkpoint)):     # Hugging Face weights: converted once, cached
+            exp.phase.load_checkpoint = mindformers_weights(exp.phase.load_checkpoint, show_progress)
+            exp.mindformers = {**exp.mindformers, "load_ckpt_format": "safetensors"}
     plan = make_plan(exp, run_dir, dataset)
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", plan.summary())

@@ -135,3 +135,17 @@ def test_dtype_choice_and_bad_input(tmp_path):
     r = run_cli(["direction=hf2mf", f"input={tmp_path / 'nope'}", f"output={tmp_path / 'y.safetensors'}"], tmp_path,
                 module="qwen15_exp.convert")
     assert r.returncode == 2 and "input not found" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_run_finetunes_from_hugging_face_weights(tmp_path):
+    """phase.load_checkpoint pointing at a HF folder: converted once (cached), then loaded by MindFormers."""
+    make_hf_model(tmp_path / "hf", VARIANTS["tied"])
+    r = run_cli([f"phase.load_checkpoint={tmp_path / 'hf'}", "phase.max_steps=3"], tmp_path,
+                env={"HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "converting Hugging Face weights" in r.stdout
+    from conftest import only_run_dir, read_json
+    result = read_json(only_run_dir(tmp_path) / "result.json")
+    # random-init loss is ~ln(151936) = 11.93; the converted weights give a different first loss
+    assert result["status"] == "ok" and abs(result["measured"]["first_loss"] - 11.93) > 0.05
