@@ -63,11 +63,13 @@ def make_checkpoint(folder: Path, hidden, layers, ffn, vocab, heads, tied, dtype
     files, weight_map = [], {}
     for k in range(shards):
         part = items[k * per:(k + 1) * per]
-        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        fname = "model.safetensors" if shards == 1 else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         write_streaming(folder / fname, part, produce, metadata={"format": "pt"})
         files.append(folder / fname)
         weight_map.update({n: fname for n, _, _ in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({
+            "metadata": {"total_size": sum(f.stat().st_size for f in files)}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
         "num_hidden_layers": layers, "intermediate_size": ffn, "vocab_size": vocab, "num_attention_heads": heads,
