@@ -113,40 +113,23 @@ def interactive(session: ChatSession, stdin=sys.stdin) -> None:
         session.ask(query)
 
 
-def main() -> None:
-    import hydra
+def task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
-    from qwen15_exp.compose import conf_dir, register_resolvers, to_experiment
+    from qwen15_exp.compose import to_experiment
     from qwen15_exp.errors import UserError
     from qwen15_exp.validate import format_problems, validate
 
-    started = []
+    exp = to_experiment(cfg)
+    problems = [p for p in validate(exp) if p.key != "data"]
+    if problems:
+        raise UserError(format_problems(problems))
+    run_chat(exp, HydraConfig.get().runtime.output_dir)
 
-    @hydra.main(config_path=str(conf_dir()), config_name="chat", version_base="1.3")
-    def app(cfg) -> None:
-        started.append(True)
-        try:
-            exp = to_experiment(cfg)
-            problems = [p for p in validate(exp) if p.key != "data"]
-            if problems:
-                raise UserError(format_problems(problems))
-            run_chat(exp, HydraConfig.get().runtime.output_dir)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
 
-    register_resolvers()
-    from qwen15_exp.schema import register_configs
-    register_configs()
-    try:
-        app()
-    except SystemExit as e:
-        if e.code == 1 and not started:
-            sys.exit(2)
-        raise
-    _ = OmegaConf
+def main() -> None:
+    from qwen15_exp.cli import run_app
+    run_app("chat", task)
 
 
 def run_chat(exp, run_dir: str) -> None:

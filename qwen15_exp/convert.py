@@ -13,7 +13,6 @@ writes a loadable Hugging Face folder: model.safetensors (sharded past `shard_gb
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,40 +206,18 @@ def convert(job) -> ConvertSummary:
     raise UserError(f"direction={job.direction!r}: use hf2mf or mf2hf")
 
 
-def main() -> None:
-    import hydra
+def task(cfg) -> None:
     from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
+    summary = convert(OmegaConf.to_object(cfg))
+    print(f"converted {summary.tensors} tensors, {summary.bytes_written / 1e6:,.1f} MB written "
+          f"(largest tensor {summary.largest_tensor_bytes / 1e6:,.1f} MB):")
+    for path in summary.outputs:
+        print(f"  {path}")
 
-    from qwen15_exp.compose import conf_dir, register_resolvers
-    from qwen15_exp.schema import register_configs
 
-    started = []
-
-    @hydra.main(config_path=str(conf_dir()), config_name="convert", version_base="1.3")
-    def app(cfg) -> None:
-        started.append(True)
-        try:
-            summary = convert(OmegaConf.to_object(cfg))
-        except MissingMandatoryValue as e:
-            print(f"error: {e.full_key} is required; set it on the command line ({e.full_key}=...)", file=sys.stderr)
-            sys.exit(2)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(f"converted {summary.tensors} tensors, {summary.bytes_written / 1e6:,.1f} MB written "
-              f"(largest tensor {summary.largest_tensor_bytes / 1e6:,.1f} MB):")
-        for path in summary.outputs:
-            print(f"  {path}")
-
-    register_resolvers()
-    register_configs()
-    try:
-        app()
-    except SystemExit as e:
-        if e.code == 1 and not started:
-            sys.exit(2)
-        raise
+def main() -> None:
+    from qwen15_exp.cli import run_app
+    run_app("convert", task)
 
 
 if __name__ == "__main__":

@@ -8,42 +8,27 @@ raw file, tokenizer, seq_length and options finds it and prepares nothing.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import OmegaConf
 
-from qwen15_exp.compose import absolute_path, absolutize_data, conf_dir, register_resolvers
+from qwen15_exp.cli import run_app
+from qwen15_exp.compose import absolute_path, absolutize_data
 from qwen15_exp.errors import UserError
-from qwen15_exp.schema import register_configs
-
-_task_started = False
 
 
-@hydra.main(config_path=str(conf_dir()), config_name="prepare", version_base="1.3")
-def app(cfg: DictConfig) -> None:
-    global _task_started
-    _task_started = True
+def task(cfg) -> None:
     from qwen15_exp.data.prepare import prepare, summary_lines
-    try:
-        job = OmegaConf.to_object(cfg)
-        data = absolutize_data(job.data)
-        out = Path(absolute_path(job.output)) if job.output else None
-        if job.chatml_output:
-            if data.format != "alpaca":
-                raise UserError(f"chatml_output converts alpaca records; data.format is {data.format}")
-            from qwen15_exp.data.alpaca import iter_alpaca, write_chatml_jsonl
-            n = write_chatml_jsonl(iter_alpaca(data.input, data.system_prompt), absolute_path(job.chatml_output))
-            print(f"ChatML: {n} conversations written to {absolute_path(job.chatml_output)}")
-        prepared = prepare(data, data.seq_length, out_dir=out, show_progress=job.progress)
-    except MissingMandatoryValue as e:
-        print(f"error: {e.full_key} is required; set it on the command line ({e.full_key}=...)", file=sys.stderr)
-        sys.exit(2)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    job = OmegaConf.to_object(cfg)
+    data = absolutize_data(job.data)
+    out = Path(absolute_path(job.output)) if job.output else None
+    if job.chatml_output:
+        if data.format != "alpaca":
+            raise UserError(f"chatml_output converts alpaca records; data.format is {data.format}")
+        from qwen15_exp.data.alpaca import iter_alpaca, write_chatml_jsonl
+        n = write_chatml_jsonl(iter_alpaca(data.input, data.system_prompt), absolute_path(job.chatml_output))
+        print(f"ChatML: {n} conversations written to {absolute_path(job.chatml_output)}")
+    prepared = prepare(data, data.seq_length, out_dir=out, show_progress=job.progress)
     state = "reused (cached)" if prepared.reused else "written"
     print(f"MindRecord {state}: {prepared.folder}")
     for line in summary_lines(prepared.summary):
@@ -53,14 +38,7 @@ def app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_resolvers()
-    register_configs()
-    try:
-        app()
-    except SystemExit as e:
-        if e.code == 1 and not _task_started:
-            sys.exit(2)
-        raise
+    run_app("prepare", task)
 
 
 if __name__ == "__main__":

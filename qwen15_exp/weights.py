@@ -19,34 +19,33 @@ ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16,
              "I64": (np.int64, 8), "F64": (np.float64, 8)}
 NAMES = {"fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16"}
 
-HF_TO_MF = [
-    (r"^model\.embed_tokens\.weight$", "model.tok_embeddings.embedding_weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$", r"model.layers.\1.attention.wq.\2"),
-    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)$", r"model.layers.\1.attention.wk.\2"),
-    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)$", r"model.layers.\1.attention.wv.\2"),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"model.layers.\1.attention.wo.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"model.layers.\1.feed_forward.w1.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"model.layers.\1.feed_forward.w2.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"model.layers.\1.feed_forward.w3.weight"),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"model.layers.\1.attention_norm.weight"),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"model.layers.\1.ffn_norm.weight"),
-    (r"^model\.norm\.weight$", "model.norm_out.weight"),
-    (r"^lm_head\.weight$", "lm_head.weight"),
+# One row per weight: the Hugging Face Qwen2 name and the MindFormers Llama name. {i} is the layer index,
+# {wb} weight or bias. Tensors are copied as they are: no transpose, no RoPE permutation, no QKV fusion.
+NAME_PAIRS = [
+    ("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
+    ("model.layers.{i}.self_attn.q_proj.{wb}", "model.layers.{i}.attention.wq.{wb}"),
+    ("model.layers.{i}.self_attn.k_proj.{wb}", "model.layers.{i}.attention.wk.{wb}"),
+    ("model.layers.{i}.self_attn.v_proj.{wb}", "model.layers.{i}.attention.wv.{wb}"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.attention.wo.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.feed_forward.w1.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "model.layers.{i}.feed_forward.w2.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "model.layers.{i}.feed_forward.w3.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.attention_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.ffn_norm.weight"),
+    ("model.norm.weight", "model.norm_out.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 ]
-MF_TO_HF = [
-    (r"^model\.tok_embeddings\.embedding_weight$", "model.embed_tokens.weight"),
-    (r"^model\.layers\.(\d+)\.attention\.wq\.(weight|bias)$", r"model.layers.\1.self_attn.q_proj.\2"),
-    (r"^model\.layers\.(\d+)\.attention\.wk\.(weight|bias)$", r"model.layers.\1.self_attn.k_proj.\2"),
-    (r"^model\.layers\.(\d+)\.attention\.wv\.(weight|bias)$", r"model.layers.\1.self_attn.v_proj.\2"),
-    (r"^model\.layers\.(\d+)\.attention\.wo\.weight$", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"^model\.layers\.(\d+)\.feed_forward\.w1\.weight$", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"^model\.layers\.(\d+)\.feed_forward\.w2\.weight$", r"model.layers.\1.mlp.down_proj.weight"),
-    (r"^model\.layers\.(\d+)\.feed_forward\.w3\.weight$", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"^model\.layers\.(\d+)\.attention_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
-    (r"^model\.layers\.(\d+)\.ffn_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"^model\.norm_out\.weight$", "model.norm.weight"),
-    (r"^lm_head\.weight$", "lm_head.weight"),
-]
+
+
+def _rule(src: str, dst: str) -> tuple[str, str]:
+    pattern = "^" + re.escape(src).replace(r"\{i\}", r"(\d+)").replace(r"\{wb\}", "(weight|bias)") + "$"
+    groups = iter([r"\1", r"\2"])
+    replacement = re.sub(r"\{i\}|\{wb\}", lambda _: next(groups), dst)
+    return pattern, replacement
+
+
+HF_TO_MF = [_rule(hf, mf) for hf, mf in NAME_PAIRS]
+MF_TO_HF = [_rule(mf, hf) for hf, mf in NAME_PAIRS]
 
 
 def rename(name: str, table) -> str | None:

@@ -1,0 +1,53 @@
+"""The shared shape of every entrypoint: a Hydra app over conf/, user errors as exit code 2, no traceback.
+
+Hydra reports a bad override or an unknown group option itself and exits with 1 before the task starts;
+that is a usage error like any other, so it becomes 2 as well. Errors inside a task that are not the user's
+keep their traceback and exit code 1.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from omegaconf.errors import MissingMandatoryValue
+
+from qwen15_exp.errors import UserError
+
+
+def report_user_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def user_error_message(e: BaseException) -> str | None:
+    if isinstance(e, MissingMandatoryValue):
+        return f"{e.full_key} is required and has no value; set it on the command line ({e.full_key}=...)"
+    if isinstance(e, UserError):
+        return str(e)
+    return None
+
+
+def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
+    import hydra
+
+    from qwen15_exp.compose import conf_dir, register_resolvers
+    from qwen15_exp.schema import register_configs
+
+    register_resolvers()
+    register_configs()
+    started = []
+
+    @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
+    def app(cfg):
+        started.append(True)
+        try:
+            return task(cfg)
+        except (UserError, MissingMandatoryValue) as e:
+            report_user_error(user_error_message(e))
+            sys.exit(2)
+
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 1 and not started:
+            sys.exit(2)
+        raise
