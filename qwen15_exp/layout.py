@@ -36,7 +36,8 @@ def choose_launcher(exp) -> tuple[str, bool, str]:
     if hw.device_target == "CPU":
         if n_dev > 1 or exp.launch.mode == "msrun":
             return "msrun", True, f"{n_dev} CPU workers started by msrun on this machine"
-        return "local", True, "in-process MindFormers Trainer on this machine's CPU"
+        what = "generate" if exp.phase.run_mode == "predict" else "Trainer"
+        return "local", True, f"in-process MindFormers {what} on this machine's CPU"
     if npus_present():
         return "msrun", True, f"Ascend NPUs present: msrun on {nodes(exp)} node(s)"
     return "plan", False, (f"hardware={hw.name} targets Ascend NPUs and this machine has none "

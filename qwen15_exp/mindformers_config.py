@@ -261,7 +261,8 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         cfg["train_dataset_task"] = {"type": "CausalLanguageModelDataset", "dataset_config": copy.deepcopy(section)}
     else:
         cfg["processor"] = {"return_tensors": "ms", "type": "LlamaProcessor",
-                            "tokenizer": {"type": "PreTrainedTokenizerFast", "tokenizer_file": tokenizer_file,
+                            "tokenizer": {"type": "PreTrainedTokenizerFast",
+                                          "tokenizer_file": tokenizer_file or f"{run_dir}/tokenizer.json",
                                           "eos_token": "<|im_end|>" if ph.chat else "<|endoftext|>",
                                           "pad_token": "<|endoftext|>"}}
         if not sup.kv_cache:

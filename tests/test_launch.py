@@ -97,3 +97,15 @@ def test_cpu_sweep_measures_and_estimates(tmp_path):
     rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
     assert [row["parallel"] for row in rows] == ["single", "dp2"]
     assert all(float(row["measured"]) > 0 and float(row["estimated"]) > 0 and row["est/meas"] for row in rows)
+
+
+@pytest.mark.slow
+def test_predict_plan_runs_through_msrun_and_trainer_predict(tmp_path):
+    """The path an Ascend predict plan takes (msrun -> worker -> Trainer.predict), executed here on CPU."""
+    r = run_cli(["phase=predict", "launch.mode=msrun", "phase.predict_data=[hello world]",
+                 "phase.generation.max_decode_length=24"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert (run_dir / "tokenizer.json").is_file() and read_json(run_dir / "predict_data.json")["inputs"] == ["hello world"]
+    ranks = read_json(run_dir / "result.json")["measured"]["ranks"]
+    assert len(ranks) == 1 and ranks[0]["generated"][0].startswith("hello world")

@@ -56,9 +56,27 @@ def node_script(plan, exp, node_rank: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_predict_files(plan, exp) -> None:
+    """tokenizer.json and the prompts (ChatML-wrapped for chat) a predict plan's workers read."""
+    from qwen15_exp.data.tokenizer import save_tokenizer_json
+    from qwen15_exp.io import write_json
+    run_dir = Path(plan.run_dir)
+    save_tokenizer_json(run_dir / "tokenizer.json", exp.data.tokenizer_dir or None)
+    prompts = list(exp.phase.predict_data)
+    if exp.phase.chat:
+        prompts = [f"<|im_start|>system\n{exp.phase.system_prompt}<|im_end|>\n<|im_start|>user\n{p}<|im_end|>\n"
+                   f"<|im_start|>assistant\n" for p in prompts]
+    g = exp.phase.generation
+    write_json(run_dir / "predict_data.json", {
+        "inputs": prompts, "eos_token": "<|im_end|>" if exp.phase.chat else "<|endoftext|>",
+        "max_length": g.max_decode_length if g.max_new_tokens is None else None})
+
+
 def write_launch_files(plan, exp) -> list[Path]:
     run_dir = Path(plan.run_dir)
     write_text(run_dir / "worker.py", WORKER_STUB)
+    if exp.phase.run_mode == "predict":
+        write_predict_files(plan, exp)
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
                for r in range(plan.nodes)]
     return scripts
@@ -112,6 +130,9 @@ def run_msrun(plan, exp, yaml_path: Path, process_t0: float) -> dict:
         raise RuntimeError(f"msrun exited with {proc.returncode}; logs in {run_dir / 'msrun_log'}\n{tail}")
     if plan.nodes > 1:          # the other nodes' ranks write into their own copies of the run dir
         return {"node_rank": node, "ranks_here": sorted(p.name for p in run_dir.glob("rank_*.json"))}
+    if exp.phase.run_mode == "predict":
+        ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
+        return {"ranks": ranks, "generated_texts": ranks[0]["generated"] if ranks else []}
     figures = gather_ranks(run_dir, plan, process_t0)
     figures["train_call_s"] = round(time.perf_counter() - t_call, 3)
     return figures

@@ -33,6 +33,41 @@ def rank_id() -> int:
     return 0
 
 
+def predict(config, run_dir: Path) -> dict:
+    """Trainer.predict on the prompts the plan wrote (predict_data.json), with its tokenizer.json."""
+    import json
+
+    from mindformers.models import PreTrainedTokenizerFast
+    from mindformers.trainer import Trainer
+
+    if config.context.device_target == "CPU":
+        use_cpu_argmax()
+    spec = json.loads((run_dir / "predict_data.json").read_text())
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=spec["eos_token"],
+                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    t0 = time.time()
+    out = Trainer(config, tokenizer=tok).predict(input_data=spec["inputs"], max_length=spec["max_length"])
+    texts = [o["text_generation_text"][0] if isinstance(o, dict) else str(o) for o in out]
+    return {"rank": rank_id(), "generated": texts, "seconds": time.time() - t0}
+
+
+def use_cpu_argmax() -> None:
+    """MindFormers' text generator calls mint.argmax (ArgMaxExt, Ascend-only): give it ops.Argmax on CPU."""
+    import mindspore as ms
+    import mindformers.generation.text_generator as text_generator
+
+    class CpuMint:
+        _argmax = ms.ops.Argmax(axis=-1, output_type=ms.int32)
+
+        def __getattr__(self, name):
+            return getattr(ms.mint, name)
+
+        def argmax(self, x, dim=-1, keepdim=False):
+            return self._argmax(x)
+
+    text_generator.mint = CpuMint()
+
+
 def main(argv=None) -> None:
     t0 = time.time()
     args = parse_args(argv)
@@ -59,6 +94,9 @@ def main(argv=None) -> None:
         config.load_checkpoint = args.load_checkpoint
     set_output_path(config.output_dir)
     build_context(config)
+    if config.run_mode == "predict":
+        write_json(run_dir / f"rank_{rank_id()}.json", predict(config, run_dir))
+        return
     recorder = StepRecorder()
     Trainer(config, callbacks=[recorder]).train()
     write_json(run_dir / f"rank_{rank_id()}.json", {
