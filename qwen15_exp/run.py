@@ -62,6 +62,9 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
     plan = make_plan(exp, run_dir, dataset)
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", plan.summary())
+    if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
+        from qwen15_exp.launch.msrun import write_predict_files
+        write_predict_files(plan, exp)
     result = {
         "status": "planned", "experiment": exp.experiment_name, "model": exp.model.name,
         "phase": exp.phase.name, "parallel": exp.parallel.name, "hardware": exp.hardware.name,

@@ -75,8 +75,6 @@ def write_predict_files(plan, exp) -> None:
 def write_launch_files(plan, exp) -> list[Path]:
     run_dir = Path(plan.run_dir)
     write_text(run_dir / "worker.py", WORKER_STUB)
-    if exp.phase.run_mode == "predict":
-        write_predict_files(plan, exp)
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
                for r in range(plan.nodes)]
     return scripts
