@@ -121,7 +121,7 @@ def task(cfg) -> None:
     from qwen15_exp.validate import format_problems, validate
 
     exp = to_experiment(cfg)
-    problems = [p for p in validate(exp) if p.key != "data"]
+    problems = validate(exp)
     if problems:
         raise UserError(format_problems(problems))
     run_chat(exp, HydraConfig.get().runtime.output_dir)
@@ -136,7 +136,8 @@ def run_chat(exp, run_dir: str) -> None:
     from pathlib import Path
 
     from qwen15_exp.errors import UserError
-    from qwen15_exp.launch.generate import Generator, mindformers_weights
+    from qwen15_exp.convert import mindformers_weights
+    from qwen15_exp.launch.generate import Generator, generation_kwargs
     from qwen15_exp.launch.local import inside, mindformers_env
     from qwen15_exp.layout import choose_launcher
     from qwen15_exp.plan import make_plan
@@ -153,16 +154,9 @@ def run_chat(exp, run_dir: str) -> None:
             print("note: no phase.load_checkpoint given: the model has random weights (text is meaningless, "
                   "the mechanics are real)")
         generator = Generator(plan.mindformers, ckpt, quiet=True)
-        g = exp.phase.generation
-        gen_kwargs = {"do_sample": g.do_sample, "top_k": g.top_k, "top_p": g.top_p,
-                      "repetition_penalty": g.repetition_penalty, "eos_token_id": list(g.eos_token_id)}
-        if g.temperature is not None:
-            gen_kwargs["temperature"] = g.temperature
-        if opts.seed is not None:
-            gen_kwargs["seed"] = opts.seed
         session = ChatSession(generator, load_tokenizer(exp.data.tokenizer_dir or None), exp.phase.system_prompt,
                               opts.max_new_tokens or max(1, exp.data.seq_length // 4), keep_history=opts.history,
-                              gen_kwargs=gen_kwargs)
+                              gen_kwargs=generation_kwargs(exp, opts.seed))
         if opts.mode == "interactive":
             interactive(session)
         else:

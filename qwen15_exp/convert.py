@@ -13,6 +13,7 @@ writes a loadable Hugging Face folder: model.safetensors (sharded past `shard_gb
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,30 @@ def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: flo
         written = sum(p.stat().st_size for p in tmp.iterdir())
     bar.close()
     return ConvertSummary(len(items), written, largest, [str(out_dir / n) for n in names])
+
+
+def weights_cache_dir() -> Path:
+    return Path(os.path.expanduser("~")) / ".cache" / "qwen15_exp" / "weights"
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def mindformers_weights(path: str, show_progress: bool = True) -> str:
+    """A MindFormers checkpoint for `path`; a Hugging Face folder is converted once and cached."""
+    p = Path(path)
+    if not is_hf_folder(p):
+        return path
+    import hashlib
+    files = sorted(p.glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                         for f in files]).encode()).hexdigest()[:16]
+    out = weights_cache_dir() / f"{p.name}-{key}.safetensors"
+    if not out.is_file():
+        print(f"converting Hugging Face weights {p} -> {out} (once; cached)")
+        hf_to_mf(p, out, show_progress=show_progress)
+    return str(out)
 
 
 def convert(job) -> ConvertSummary:

@@ -207,8 +207,7 @@ def parallel_sections(exp, run_dir: Path) -> dict:
 
 
 def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, columns: list[str] | None = None,
-          stop_step: int | None = None, total_steps: int | None = None,
-          tokenizer_file: str = "") -> tuple[dict, list[str]]:
+          stop_step: int | None = None, total_steps: int | None = None) -> tuple[dict, list[str]]:
     """The MindFormers run config and the list of hardware adaptations made to it."""
     adaptations: list[str] = []
     ph, sup = exp.phase, exp.hardware.supports
@@ -262,7 +261,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
     else:
         cfg["processor"] = {"return_tensors": "ms", "type": "LlamaProcessor",
                             "tokenizer": {"type": "PreTrainedTokenizerFast",
-                                          "tokenizer_file": tokenizer_file or f"{run_dir}/tokenizer.json",
+                                          "tokenizer_file": f"{run_dir}/tokenizer.json",
                                           "eos_token": "<|im_end|>" if ph.chat else "<|endoftext|>",
                                           "pad_token": "<|endoftext|>"}}
         if not sup.kv_cache:

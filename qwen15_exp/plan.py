@@ -65,7 +65,7 @@ def training_steps(exp, rows: int) -> tuple[int, int | None, int]:
     return exp.phase.epochs, None, per_epoch * exp.phase.epochs
 
 
-def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, tokenizer_file: str = "") -> Plan:
+def make_plan(exp, run_dir: Path, dataset: Dataset | None = None) -> Plan:
     launcher, executes, why = choose_launcher(exp)
     gb = global_batch(exp)
     steps = stop = total = epochs = None
@@ -76,8 +76,7 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, tokenizer_file
     # a plan is copied to the cluster: its paths are relative to its own folder
     cfg, adaptations = mindformers_config.build(
         exp, run_dir if executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
-        columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total,
-        tokenizer_file=tokenizer_file)
+        columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total)
     env = dict(exp.hardware.env)
     if train and exp.phase.run_mode == "finetune" and exp.hardware.device_target == "Ascend":
         env.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")   # the seed README asks for it

@@ -41,6 +41,22 @@ def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
     return Dataset(str(prepared.folder), tuple(prepared.summary["columns"]), prepared.rows)
 
 
+def write_predict_files(plan, exp) -> None:
+    """tokenizer.json and the prompts (ChatML-wrapped for chat) a predict plan's workers read."""
+    from qwen15_exp.data.tokenizer import save_tokenizer_json
+    run_dir = Path(plan.run_dir)
+    save_tokenizer_json(run_dir / "tokenizer.json", exp.data.tokenizer_dir or None)
+    prompts = list(exp.phase.predict_data)
+    if exp.phase.chat:
+        from qwen15_exp.chat import turn
+        prompts = [f"{turn('system', exp.phase.system_prompt)}\n{turn('user', p)}\n<|im_start|>assistant\n"
+                   for p in prompts]
+    g = exp.phase.generation
+    write_json(run_dir / "predict_data.json", {
+        "inputs": prompts, "eos_token": "<|im_end|>" if exp.phase.chat else "<|endoftext|>",
+        "max_length": g.max_decode_length if g.max_new_tokens is None else None})
+
+
 def dump_yaml(obj) -> str:
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
 
@@ -55,7 +71,7 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
     _, executes, _ = choose_launcher(exp)
     dataset = prepare_dataset(exp, show_progress) if executes else None
     if executes and exp.phase.load_checkpoint and exp.phase.run_mode != "predict":
-        from qwen15_exp.launch.generate import is_hf_folder, mindformers_weights
+        from qwen15_exp.convert import is_hf_folder, mindformers_weights
         if is_hf_folder(Path(exp.phase.load_checkpoint)):     # Hugging Face weights: converted once, cached
             exp.phase.load_checkpoint = mindformers_weights(exp.phase.load_checkpoint, show_progress)
             exp.mindformers = {**exp.mindformers, "load_ckpt_format": "safetensors"}
@@ -63,7 +79,6 @@ def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> di
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", plan.summary())
     if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
-        from qwen15_exp.launch.msrun import write_predict_files
         write_predict_files(plan, exp)
     result = {
         "status": "planned", "experiment": exp.experiment_name, "model": exp.model.name,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen15_exp.estimate.memory import estimate_memory, kv_heads, stage_layers
-from qwen15_exp.layout import choose_launcher, devices, nodes
+from qwen15_exp.layout import choose_launcher, devices
 from qwen15_exp.schema import DTYPES, RUN_MODES
 
 DATA_FORMATS = ("alpaca", "chatml", "wiki", "mindrecord", "none")
@@ -95,8 +95,8 @@ def check_devices(exp) -> list[Problem]:
                 "parallel", "parallel.model_parallel",
                 f"{terms}: model/pipeline/context parallel needs semi-auto parallel, which MindSpore does not "
                 "run on CPU ('Invalid backend: CPU')",
-                f"on CPU use data parallel only (parallel=single or parallel=dp2), or plan it for Ascend with "
-                f"hardware=atlas_800t_a2"))
+                "on CPU use data parallel only (parallel=single or parallel=dp2), or plan it for Ascend with "
+                "hardware=atlas_800t_a2"))
         if n_dev > per_node:
             out.append(Problem(
                 "parallel", "parallel.data_parallel",

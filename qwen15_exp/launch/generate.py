@@ -7,37 +7,9 @@ too: the CPU config has use_past false, so each new token recomputes the sequenc
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 from qwen15_exp.errors import UserError
-
-
-def weights_cache_dir() -> Path:
-    return Path(os.path.expanduser("~")) / ".cache" / "qwen15_exp" / "weights"
-
-
-def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def mindformers_weights(path: str, show_progress: bool = True) -> str:
-    """A MindFormers checkpoint for `path`; a Hugging Face folder is converted once and cached."""
-    p = Path(path)
-    if not is_hf_folder(p):
-        return path
-    import hashlib
-    files = sorted(p.glob("*.safetensors"))
-    key = hashlib.sha256(json.dumps([str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                                         for f in files]).encode()).hexdigest()[:16]
-    out = weights_cache_dir() / f"{p.name}-{key}.safetensors"
-    if not out.is_file():
-        from qwen15_exp.convert import hf_to_mf
-        print(f"converting Hugging Face weights {p} -> {out} (once; cached)")
-        hf_to_mf(p, out, show_progress=show_progress)
-    return str(out)
 
 
 def load_params(network, checkpoint: str) -> None:
@@ -49,6 +21,18 @@ def load_params(network, checkpoint: str) -> None:
     if missing:
         raise UserError(f"{checkpoint} does not fit model: {len(missing)} parameters missing, e.g. {missing[:3]}; "
                         "choose the model=<size> the weights belong to")
+
+
+def generation_kwargs(exp, seed: int | None = None) -> dict:
+    """MindFormers generate() settings from phase.generation (greedy or sampling, eos ids)."""
+    g = exp.phase.generation
+    kwargs = {"do_sample": g.do_sample, "top_k": g.top_k, "top_p": g.top_p,
+              "repetition_penalty": g.repetition_penalty, "eos_token_id": list(g.eos_token_id)}
+    if g.temperature is not None:
+        kwargs["temperature"] = g.temperature
+    if seed is not None:
+        kwargs["seed"] = seed
+    return kwargs
 
 
 class Streamer:

@@ -76,14 +76,12 @@ def run_local(plan, yaml_path: Path, process_t0: float) -> dict:
 def run_predict(plan, exp) -> tuple[dict, list[dict]]:
     """Generate for phase.predict_data (ChatML-wrapped for phase=chat); measure decode speed."""
     from qwen15_exp.data.tokenizer import load_tokenizer
-    from qwen15_exp.launch.generate import Generator, mindformers_weights
+    from qwen15_exp.convert import mindformers_weights
+    from qwen15_exp.launch.generate import Generator, generation_kwargs
 
     tok = load_tokenizer(exp.data.tokenizer_dir or None)
+    kwargs = generation_kwargs(exp)
     g = exp.phase.generation
-    kwargs = {"do_sample": g.do_sample, "top_k": g.top_k, "top_p": g.top_p,
-              "repetition_penalty": g.repetition_penalty, "eos_token_id": list(g.eos_token_id)}
-    if g.temperature is not None:
-        kwargs["temperature"] = g.temperature
     max_new = g.max_new_tokens or max(1, exp.data.seq_length // 4)
     generated, tokens, seconds = [], 0, 0.0
     with inside(plan.run_dir, mindformers_env(plan.run_dir)):

@@ -56,22 +56,6 @@ def node_script(plan, exp, node_rank: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_predict_files(plan, exp) -> None:
-    """tokenizer.json and the prompts (ChatML-wrapped for chat) a predict plan's workers read."""
-    from qwen15_exp.data.tokenizer import save_tokenizer_json
-    from qwen15_exp.io import write_json
-    run_dir = Path(plan.run_dir)
-    save_tokenizer_json(run_dir / "tokenizer.json", exp.data.tokenizer_dir or None)
-    prompts = list(exp.phase.predict_data)
-    if exp.phase.chat:
-        prompts = [f"<|im_start|>system\n{exp.phase.system_prompt}<|im_end|>\n<|im_start|>user\n{p}<|im_end|>\n"
-                   f"<|im_start|>assistant\n" for p in prompts]
-    g = exp.phase.generation
-    write_json(run_dir / "predict_data.json", {
-        "inputs": prompts, "eos_token": "<|im_end|>" if exp.phase.chat else "<|endoftext|>",
-        "max_length": g.max_decode_length if g.max_new_tokens is None else None})
-
-
 def write_launch_files(plan, exp) -> list[Path]:
     run_dir = Path(plan.run_dir)
     write_text(run_dir / "worker.py", WORKER_STUB)
