@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen15_exp.weights import write_streaming
+from qwen15_exp.weights.tensors import write_streaming
 
 
 def hf_names(hidden, layers, ffn, vocab, tied):

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from qwen15_exp.compose import conf_dir, group_options, register_resolvers, to_experiment
+from qwen15_exp.compose import conf_dir, group_options, register, to_experiment
 from qwen15_exp.estimate.throughput import estimate_throughput
-from qwen15_exp.schema import register_configs
 
 
 def table_rows(table: str):
@@ -78,8 +77,7 @@ def main() -> None:
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    register_resolvers()
-    register_configs()
+    register()
     r800 = table_rows("800t_a2")
     show("calibration rows: Atlas 800T A2 training", [r for r in r800 if r[3].endswith("/p")])
     show("validation rows: Atlas 900 A2 PoDc training", table_rows("900_a2_podc"), goal=(0.20, 0.50))

@@ -21,7 +21,7 @@ _failed_jobs: list[str] = []
 def task(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from qwen15_exp.io import write_json
+    from qwen15_exp.atomic import write_json
     from qwen15_exp.run import run
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -44,12 +44,10 @@ def task(cfg) -> dict | None:
 
 
 def main() -> None:
-    from qwen15_exp.compose import group_options, register_resolvers
+    from qwen15_exp.compose import group_options, register
     from qwen15_exp.layout_names import explain
-    from qwen15_exp.schema import register_configs
 
-    register_resolvers()
-    register_configs()
+    register()
     message = explain(sys.argv[1:], group_options("parallel"))
     if message:
         report_user_error(message)

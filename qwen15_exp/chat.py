@@ -14,37 +14,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from qwen15_exp.data.chatml import cut_at_stop, make_context
 from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
 
 DEMO_QUESTIONS = ["你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题"]
-
-
-def turn(role: str, content: str) -> str:
-    return f"<|im_start|>{role}\n{content}<|im_end|>"
-
-
-def make_context(tokenizer, query: str, history: list[tuple[str, str]], system: str,
-                 max_window_size: int) -> list[int]:
-    """Prompt ids: system, as many recent history turns as fit, the query, the assistant opener."""
-    def ids(text):
-        return tokenizer.encode(text, add_special_tokens=False).ids
-
-    system_ids = ids(turn("system", system))
-    tail = ids("\n" + turn("user", query) + "\n<|im_start|>assistant\n")
-    context: list[int] = []
-    for q, a in reversed(history):
-        pair = ids("\n" + turn("user", q) + "\n" + turn("assistant", a))
-        if len(system_ids) + len(pair) + len(context) + len(tail) > max_window_size:
-            break
-        context = pair + context
-    return system_ids + context + tail
-
-
-def cut_at_stop(new_ids: list[int]) -> list[int]:
-    for i, t in enumerate(new_ids):
-        if t in (IM_END_ID, IM_START_ID):
-            return new_ids[:i]
-    return new_ids
 
 
 @dataclass
@@ -117,14 +90,7 @@ def task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from qwen15_exp.compose import to_experiment
-    from qwen15_exp.errors import UserError
-    from qwen15_exp.validate import format_problems, validate
-
-    exp = to_experiment(cfg)
-    problems = validate(exp)
-    if problems:
-        raise UserError(format_problems(problems))
-    run_chat(exp, HydraConfig.get().runtime.output_dir)
+    run_chat(to_experiment(cfg), HydraConfig.get().runtime.output_dir)
 
 
 def main() -> None:
@@ -133,27 +99,37 @@ def main() -> None:
 
 
 def run_chat(exp, run_dir: str) -> None:
+    """compose -> validate -> weights -> plan, as for a run, then a chat session instead of a launch."""
     from pathlib import Path
 
     from qwen15_exp.errors import UserError
-    from qwen15_exp.convert import mindformers_weights
+    from qwen15_exp.estimate.memory import estimate_memory
     from qwen15_exp.launch.generate import Generator, generation_kwargs
     from qwen15_exp.launch.local import inside, mindformers_env
-    from qwen15_exp.layout import choose_launcher
+    from qwen15_exp.layout import layout_of
     from qwen15_exp.plan import make_plan
+    from qwen15_exp.run import InvalidExperiment
+    from qwen15_exp.validate import validate
+    from qwen15_exp.weights.checkpoint import resolve_checkpoint
 
-    launcher, executes, why = choose_launcher(exp)
-    if launcher != "local":
-        raise UserError(f"interactive chat runs on one device in this process; here: {why}. Use hardware=cpu "
-                        "(or a single NPU), or phase=chat with python -m qwen15_exp for a planned multi-device run")
-    plan = make_plan(exp, Path(run_dir))
-    opts = exp.chat
-    with inside(Path(run_dir), mindformers_env(Path(run_dir))):
-        ckpt = mindformers_weights(exp.phase.load_checkpoint) if exp.phase.load_checkpoint else ""
-        if not ckpt:
+    layout = layout_of(exp)
+    if layout.launcher != "local":
+        raise UserError(f"interactive chat runs on one device in this process; here: {layout.why}. Use "
+                        "hardware=cpu (or a single NPU), or phase=chat with python -m qwen15_exp for a planned "
+                        "multi-device run")
+    memory = estimate_memory(exp, layout)
+    problems = validate(exp, layout, memory)
+    if problems:
+        raise InvalidExperiment(problems)
+    run_dir = Path(run_dir)
+    with inside(run_dir, mindformers_env(run_dir)):
+        resolve_checkpoint(exp)
+        plan = make_plan(exp, run_dir, layout=layout, memory=memory)
+        if not exp.phase.load_checkpoint:
             print("note: no phase.load_checkpoint given: the model has random weights (text is meaningless, "
                   "the mechanics are real)")
-        generator = Generator(plan.mindformers, ckpt, quiet=True)
+        generator = Generator(plan.mindformers, exp.phase.load_checkpoint, quiet=True)
+        opts = exp.chat
         session = ChatSession(generator, load_tokenizer(exp.data.tokenizer_dir or None), exp.phase.system_prompt,
                               opts.max_new_tokens or max(1, exp.data.seq_length // 4), keep_history=opts.history,
                               gen_kwargs=generation_kwargs(exp, opts.seed))

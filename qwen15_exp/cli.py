@@ -18,6 +18,10 @@ def report_user_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def exit_code_of(e: BaseException) -> int:
+    return getattr(e, "exit_code", 2)
+
+
 def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, MissingMandatoryValue):
         return f"{e.full_key} is required and has no value; set it on the command line ({e.full_key}=...)"
@@ -29,11 +33,9 @@ def user_error_message(e: BaseException) -> str | None:
 def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
     import hydra
 
-    from qwen15_exp.compose import conf_dir, register_resolvers
-    from qwen15_exp.schema import register_configs
+    from qwen15_exp.compose import conf_dir, register
 
-    register_resolvers()
-    register_configs()
+    register()
     started = []
 
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
@@ -43,7 +45,7 @@ def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
             return task(cfg)
         except (UserError, MissingMandatoryValue) as e:
             report_user_error(user_error_message(e))
-            sys.exit(2)
+            sys.exit(exit_code_of(e))
 
     try:
         app()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qwen15_exp.layout import degrees, layout_name
 from qwen15_exp.schema import Experiment, HardwareConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,17 +39,29 @@ def _cpu(key: str):
     return load()[key]
 
 
-def register_resolvers() -> None:
+_registered = False
+
+
+def register() -> None:
+    """Our OmegaConf resolvers and the ConfigStore schemas, once per process (before Hydra composes)."""
+    global _registered
+    if _registered:
+        return
+    from qwen15_exp.paths import cache_root, output_root
+    from qwen15_exp.schema import register_configs
     resolvers = {
         "q15.cpu_tflops": lambda: _cpu("fp32_tflops"),
         "q15.cpu_bandwidth_gbs": lambda: _cpu("bandwidth_gbs"),
         "q15.sample": sample_path,
         "q15.cpu_count": lambda: os.cpu_count() or 1,
         "q15.host_memory_gb": host_memory_gb,
+        "q15.output_root": lambda: str(output_root()),
+        "q15.cache_root": lambda: str(cache_root()),
     }
     for name, fn in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+        OmegaConf.register_new_resolver(name, fn, replace=True)
+    register_configs()
+    _registered = True
 
 
 def group_options(group: str) -> list[str]:
@@ -66,15 +79,12 @@ def fits_this_machine(exp: Experiment) -> bool:
     """The CPU profile can run it: one node, data parallel only, and the fp32 training state fits in RAM."""
     from qwen15_exp.estimate.memory import cpu_training_bytes
     cpu = load_group_option("hardware", "cpu", HardwareConfig)
-    p = exp.parallel
-    if min(p.data_parallel, p.model_parallel, p.pipeline_stage, p.context_parallel, exp.phase.batch_size) < 1 \
-            or exp.data.seq_length < 1:
+    dp, mp, pp, cp = degrees(exp.parallel)
+    if min(dp, mp, pp, cp, exp.phase.batch_size) < 1 or exp.data.seq_length < 1:
         return True                       # nonsense degrees: validate() names them, on whichever hardware
-    if p.model_parallel > 1 or p.pipeline_stage > 1 or p.context_parallel > 1:
+    if mp > 1 or pp > 1 or cp > 1 or dp > cpu.devices_per_node:
         return False
-    if p.data_parallel > cpu.devices_per_node:
-        return False
-    return cpu_training_bytes(exp) * p.data_parallel < 0.8 * cpu.device_memory_gb * 2**30
+    return cpu_training_bytes(exp) * dp < 0.8 * cpu.device_memory_gb * 2**30
 
 
 def absolute_path(p: str, base: str | None = None) -> str:
@@ -120,6 +130,26 @@ def _typed(cfg: DictConfig, base_dir: str | None) -> Experiment:
     return absolutize_paths(exp, base_dir)
 
 
+def changed_keys(profile: HardwareConfig) -> list[str]:
+    """The keys in which a composed hardware profile differs from its preset file (after overrides)."""
+    try:
+        preset = load_group_option("hardware", profile.name, HardwareConfig)
+    except (OSError, ValueError):
+        return []                            # not a preset file (e.g. a profile given whole on the command line)
+    ignore = ("name", "description", "sources")
+    return [k for k in vars(profile) if k not in ignore and getattr(profile, k) != getattr(preset, k)]
+
+
+def true_names(exp: Experiment) -> Experiment:
+    """Names that stay true after overrides: the layout's from its degrees (`parallel=dp4
+    parallel.model_parallel=2` is dp4mp2), a changed hardware profile says it is changed."""
+    exp.parallel.name = layout_name(*degrees(exp.parallel))
+    changed = changed_keys(exp.hardware)
+    if changed:
+        exp.hardware.name = f"{exp.hardware.name} (modified: {', '.join(changed)})"
+    return exp
+
+
 def to_experiment(cfg: DictConfig, base_dir: str | None = None, overrides: list[str] | None = None) -> Experiment:
     """The composed config as a typed Experiment (interpolations resolved, hardware=auto picked).
 
@@ -128,12 +158,12 @@ def to_experiment(cfg: DictConfig, base_dir: str | None = None, overrides: list[
     """
     exp = _typed(cfg, base_dir)
     if exp.hardware.name != "auto":
-        return exp
+        return true_names(exp)
     choice = auto_hardware_choice(exp)
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     kept = [o for o in overrides if not o.lstrip("+~").startswith("hardware=")]
-    exp = _typed(compose_overrides(kept + [f"hardware={choice}"]), base_dir)
+    exp = true_names(_typed(compose_overrides(kept + [f"hardware={choice}"]), base_dir))
     exp.hardware.description += " (chosen by hardware=auto)"
     return exp

@@ -2,6 +2,6 @@
 
 
 class UserError(Exception):
-    """A problem the user can fix; the message names it and the fix."""
+    """A problem the user can fix; the message names it and the fix. The CLI exits with `exit_code`."""
 
     exit_code = 2

@@ -1,26 +1,71 @@
-"""Where a run goes: device and node counts, the global batch, and which launcher runs it. Pure."""
+"""The layout of one run: degrees, devices, nodes, batch, tokens per step and the launcher. Pure.
+
+`Layout` is built once from the composed experiment (`layout_of`) and read by validate, the estimates, the
+MindFormers config, the plan and the launchers, in the spirit of torchtitan's ParallelDims: the degrees are
+read here and nowhere else, the derived figures are computed once, and `terms` names every degree for
+messages. Its `name` is derived from the degrees (`dp4mp2`), so it stays true after overrides.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-
-def devices(exp) -> int:
-    p = exp.parallel
-    return p.data_parallel * p.model_parallel * p.pipeline_stage * p.context_parallel
+DEGREE_KEYS = (("dp", "data_parallel"), ("mp", "model_parallel"), ("pp", "pipeline_stage"),
+               ("cp", "context_parallel"))
 
 
-def nodes(exp) -> int:
-    if exp.parallel.nodes:
-        return exp.parallel.nodes
-    per_node = max(1, exp.hardware.devices_per_node)
-    return max(1, -(-devices(exp) // per_node))
+def layout_name(dp: int, mp: int, pp: int, cp: int = 1) -> str:
+    """'dp4mp2' from the degrees; 'single' when every degree is 1."""
+    parts = [f"{short}{n}" for (short, _), n in zip(DEGREE_KEYS, (dp, mp, pp, cp)) if n != 1]
+    return "".join(parts) or "single"
 
 
-def global_batch(exp) -> int:
-    """Samples per optimizer step: batch x dp x (micro batches under pipeline, else accumulation steps)."""
-    p, ph = exp.parallel, exp.phase
-    accumulation = p.micro_batch_num if p.pipeline_stage > 1 else ph.gradient_accumulation_steps
-    return ph.batch_size * p.data_parallel * accumulation
+def degrees(parallel) -> tuple[int, int, int, int]:
+    """(dp, mp, pp, cp) of a parallel config."""
+    return tuple(getattr(parallel, key) for _, key in DEGREE_KEYS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_parallel: int
+    model_parallel: int
+    pipeline_stage: int
+    context_parallel: int
+    micro_batch_num: int
+    devices_per_node: int
+    nodes: int
+    global_batch: int              # samples per optimizer step
+    tokens_per_step: int           # 0 for predict
+    launcher: str                  # local | msrun | plan
+    executes: bool                 # runs on this machine (local, msrun) or is only written (plan)
+    why: str                       # how the launcher was chosen, in words
+
+    @property
+    def devices(self) -> int:
+        return self.data_parallel * self.model_parallel * self.pipeline_stage * self.context_parallel
+
+    @property
+    def devices_here(self) -> int:
+        """Devices (workers) on one node."""
+        return min(self.devices, self.devices_per_node)
+
+    @property
+    def name(self) -> str:
+        return layout_name(self.data_parallel, self.model_parallel, self.pipeline_stage, self.context_parallel)
+
+    @property
+    def terms(self) -> str:
+        """'data_parallel=2 x model_parallel=4 x pipeline_stage=1' (context_parallel when used)."""
+        terms = [f"{key}={getattr(self, key)}" for _, key in DEGREE_KEYS[:3]]
+        if self.context_parallel != 1:
+            terms.append(f"context_parallel={self.context_parallel}")
+        return " x ".join(terms)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "devices": self.devices, "nodes": self.nodes,
+                "devices_per_node": self.devices_per_node, "global_batch": self.global_batch,
+                "tokens_per_step": self.tokens_per_step, "launcher": self.launcher, "executes": self.executes,
+                "why": self.why}
 
 
 def npus_present() -> bool:
@@ -28,17 +73,32 @@ def npus_present() -> bool:
     return any(Path("/dev").glob("davinci[0-9]*"))
 
 
-def choose_launcher(exp) -> tuple[str, bool, str]:
+def choose_launcher(exp, n_devices: int, n_nodes: int) -> tuple[str, bool, str]:
     """(launcher, executes here, why): local | msrun | plan."""
-    hw, n_dev = exp.hardware, devices(exp)
+    hw = exp.hardware
     if exp.launch.mode == "plan":
         return "plan", False, "launch.mode=plan: files written, nothing executed"
     if hw.device_target == "CPU":
-        if n_dev > 1 or exp.launch.mode == "msrun":
-            return "msrun", True, f"{n_dev} CPU workers started by msrun on this machine"
+        if n_devices > 1 or exp.launch.mode == "msrun":
+            return "msrun", True, f"{n_devices} CPU workers started by msrun on this machine"
         what = "generate" if exp.phase.run_mode == "predict" else "Trainer"
         return "local", True, f"in-process MindFormers {what} on this machine's CPU"
     if npus_present():
-        return "msrun", True, f"Ascend NPUs present: msrun on {nodes(exp)} node(s)"
+        return "msrun", True, f"Ascend NPUs present: msrun on {n_nodes} node(s)"
     return "plan", False, (f"hardware={hw.name} targets Ascend NPUs and this machine has none "
                            "(no /dev/davinci*): the run is planned and its files written; nothing was executed")
+
+
+def layout_of(exp) -> Layout:
+    p, ph, hw = exp.parallel, exp.phase, exp.hardware
+    dp, mp, pp, cp = degrees(p)
+    n_devices = dp * mp * pp * cp
+    per_node = max(1, hw.devices_per_node)
+    n_nodes = p.nodes or max(1, -(-n_devices // per_node))
+    accumulation = p.micro_batch_num if pp > 1 else ph.gradient_accumulation_steps
+    gb = ph.batch_size * dp * accumulation
+    launcher, executes, why = choose_launcher(exp, n_devices, n_nodes)
+    return Layout(data_parallel=dp, model_parallel=mp, pipeline_stage=pp, context_parallel=cp,
+                  micro_batch_num=p.micro_batch_num, devices_per_node=hw.devices_per_node, nodes=n_nodes,
+                  global_batch=gb, tokens_per_step=gb * exp.data.seq_length if ph.run_mode != "predict" else 0,
+                  launcher=launcher, executes=executes, why=why)

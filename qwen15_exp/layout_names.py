@@ -41,7 +41,6 @@ def explain(argv: list[str], known: list[str]) -> str | None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=args)
         exp = to_experiment(cfg, overrides=args)
-    exp.parallel.name = name
     problems = validate(exp)
     head = (f"parallel={name}: there is no layout file named {name!r} (named layouts: {', '.join(known)}). "
             f"Read as {' '.join(overrides)}:")

@@ -1,18 +1,20 @@
-"""Plan step: Experiment -> Plan (the MindFormers config, devices, batch, memory, launch decision).
+"""Plan step: Experiment -> Plan (the MindFormers config, the layout, memory and throughput estimates).
 
-Pure: imports nothing heavy; the data step hands in the prepared dataset (folder, columns, rows).
+Pure: imports nothing heavy; the data step hands in the prepared dataset (folder, columns, rows), and a run
+hands in the layout and memory estimate it already computed for validation.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen15_exp import mindformers_config
+from qwen15_exp.adapt import adapt
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import MemoryEstimate, estimate_memory, total_params
 from qwen15_exp.estimate.throughput import ThroughputEstimate, estimate_throughput
-from qwen15_exp.layout import choose_launcher, devices, global_batch, nodes
+from qwen15_exp.layout import Layout, layout_of
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,7 @@ class Dataset:
 @dataclass
 class Plan:
     run_dir: Path
-    launcher: str                  # local | msrun | plan
-    executes: bool
-    why: str                       # how the launcher was chosen (and why nothing runs, for plans)
-    devices: int
-    nodes: int
-    devices_per_node: int
-    global_batch: int
-    tokens_per_step: int
+    layout: Layout
     steps: int | None
     params_total: int
     memory: MemoryEstimate
@@ -41,23 +36,35 @@ class Plan:
     adaptations: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
 
+    @property
+    def launcher(self) -> str:
+        return self.layout.launcher
+
+    @property
+    def executes(self) -> bool:
+        return self.layout.executes
+
     def summary(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("mindformers", "memory", "throughput")}
-        d["run_dir"] = str(self.run_dir)
-        d["memory"] = self.memory.as_dict()
-        d["throughput"] = self.throughput.as_dict() if self.throughput else None
-        return d
+        L = self.layout
+        return {
+            "run_dir": str(self.run_dir), "launcher": L.launcher, "executes": L.executes, "why": L.why,
+            "layout": L.name, "devices": L.devices, "nodes": L.nodes, "devices_per_node": L.devices_per_node,
+            "global_batch": L.global_batch, "tokens_per_step": L.tokens_per_step, "steps": self.steps,
+            "params_total": self.params_total, "memory": self.memory.as_dict(),
+            "throughput": self.throughput.as_dict() if self.throughput else None,
+            "adaptations": list(self.adaptations), "env": dict(self.env),
+        }
 
 
-def training_steps(exp, rows: int) -> tuple[int, int | None, int]:
+def training_steps(exp, layout: Layout, rows: int) -> tuple[int, int | None, int]:
     """(epochs, stop_step, total_steps) for the dataset at hand and phase.max_steps."""
-    gb = global_batch(exp)
+    gb = layout.global_batch
     per_epoch = rows // gb
     if per_epoch < 1:
         raise UserError(
             f"the dataset has {rows} rows but one step needs a global batch of {gb} (batch_size="
-            f"{exp.phase.batch_size} x data_parallel={exp.parallel.data_parallel}"
-            + (f" x micro_batch_num={exp.parallel.micro_batch_num}" if exp.parallel.pipeline_stage > 1 else "")
+            f"{exp.phase.batch_size} x data_parallel={layout.data_parallel}"
+            + (f" x micro_batch_num={layout.micro_batch_num}" if layout.pipeline_stage > 1 else "")
             + "); give more data or lower phase.batch_size")
     if exp.phase.max_steps:
         epochs = math.ceil(exp.phase.max_steps / per_epoch)
@@ -65,25 +72,26 @@ def training_steps(exp, rows: int) -> tuple[int, int | None, int]:
     return exp.phase.epochs, None, per_epoch * exp.phase.epochs
 
 
-def make_plan(exp, run_dir: Path, dataset: Dataset | None = None) -> Plan:
-    launcher, executes, why = choose_launcher(exp)
-    gb = global_batch(exp)
+def run_env(exp) -> dict:
+    env = dict(exp.hardware.env)
+    if exp.phase.run_mode == "finetune" and exp.hardware.device_target == "Ascend":
+        env.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")   # the seed README asks for it
+    return env
+
+
+def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout | None = None,
+              memory: MemoryEstimate | None = None) -> Plan:
+    L = layout or layout_of(exp)
+    adapted = adapt(exp)
     steps = stop = total = epochs = None
-    train = exp.phase.run_mode != "predict"
-    if train and dataset is not None and dataset.rows:
-        epochs, stop, total = training_steps(exp, dataset.rows)
+    if exp.phase.run_mode != "predict" and dataset is not None and dataset.rows:
+        epochs, stop, total = training_steps(exp, L, dataset.rows)
         steps = total
     # a plan is copied to the cluster: its paths are relative to its own folder
-    cfg, adaptations = mindformers_config.build(
-        exp, run_dir if executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
-        columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total)
-    env = dict(exp.hardware.env)
-    if train and exp.phase.run_mode == "finetune" and exp.hardware.device_target == "Ascend":
-        env.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")   # the seed README asks for it
-    return Plan(
-        run_dir=run_dir, launcher=launcher, executes=executes, why=why, devices=devices(exp),
-        nodes=nodes(exp), devices_per_node=exp.hardware.devices_per_node, global_batch=gb,
-        tokens_per_step=gb * exp.data.seq_length if train else 0, steps=steps,
-        params_total=total_params(exp.model), memory=estimate_memory(exp),
-        throughput=estimate_throughput(exp), mindformers=cfg,
-        adaptations=adaptations, env=env)
+    cfg = mindformers_config.build(
+        exp, run_dir if L.executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
+        columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total, layout=L,
+        adapted=adapted)
+    return Plan(run_dir=run_dir, layout=L, steps=steps, params_total=total_params(exp.model),
+                memory=memory or estimate_memory(exp, L), throughput=estimate_throughput(exp, L), mindformers=cfg,
+                adaptations=list(adapted.notes), env=run_env(exp))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from qwen15_exp.io import atomic_path, write_text
+from qwen15_exp.atomic import atomic_path, write_text
 
 COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
            "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits"]
@@ -125,12 +125,22 @@ def write_report(sweep_dir: Path, title: str | None = None) -> list[Path]:
     return paths + [sweep_dir / "sweep_report.png"]
 
 
+def sweep_title(config) -> str:
+    """What the sweep is: its experiment file (`+experiment=table_900_a2_podc`), else its overrides."""
+    hydra_cfg = config.get("hydra") or {}
+    choices = (hydra_cfg.get("runtime") or {}).get("choices") or {}
+    if choices.get("experiment"):
+        return str(choices["experiment"])
+    overrides = list((hydra_cfg.get("overrides") or {}).get("task") or [])
+    return " ".join(overrides) or str(config.get("experiment_name", ""))
+
+
 class SweepReport(Callback):
     """Hydra callback: write the sweep report when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {config.get('experiment_name', '')}")
+        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {sweep_title(config)}")
         if paths:
             print(f"sweep report: {paths[0]}")
             print(paths[0].read_text())

@@ -1,4 +1,7 @@
-"""One run, straight through: compose -> validate -> (data) -> plan -> launch -> result."""
+"""One run, straight through: compose -> layout -> validate -> data -> weights -> plan -> launch -> result.
+
+The layout (with the launcher decision) and the memory estimate are computed once here and handed on.
+"""
 from __future__ import annotations
 
 import time
@@ -8,12 +11,14 @@ from pathlib import Path
 import yaml
 
 from qwen15_exp import compose
+from qwen15_exp.atomic import write_json, write_text
 from qwen15_exp.errors import UserError
-from qwen15_exp.io import write_json, write_text
-from qwen15_exp.layout import choose_launcher
+from qwen15_exp.estimate.memory import estimate_memory
+from qwen15_exp.layout import layout_of
 from qwen15_exp.plan import Dataset, make_plan
 from qwen15_exp.result import summary_text, versions
 from qwen15_exp.validate import format_problems, validate
+from qwen15_exp.weights.checkpoint import resolve_checkpoint
 
 
 class InvalidExperiment(UserError):
@@ -43,17 +48,16 @@ def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
 
 def write_predict_files(plan, exp) -> None:
     """tokenizer.json and the prompts (ChatML-wrapped for chat) a predict plan's workers read."""
+    from qwen15_exp.data.chatml import chat_prompt, eos_token
     from qwen15_exp.data.tokenizer import save_tokenizer_json
     run_dir = Path(plan.run_dir)
     save_tokenizer_json(run_dir / "tokenizer.json", exp.data.tokenizer_dir or None)
     prompts = list(exp.phase.predict_data)
     if exp.phase.chat:
-        from qwen15_exp.chat import turn
-        prompts = [f"{turn('system', exp.phase.system_prompt)}\n{turn('user', p)}\n<|im_start|>assistant\n"
-                   for p in prompts]
+        prompts = [chat_prompt(exp.phase.system_prompt, p) for p in prompts]
     g = exp.phase.generation
     write_json(run_dir / "predict_data.json", {
-        "inputs": prompts, "eos_token": "<|im_end|>" if exp.phase.chat else "<|endoftext|>",
+        "inputs": prompts, "eos_token": eos_token(exp.phase.chat),
         "max_length": g.max_decode_length if g.max_new_tokens is None else None})
 
 
@@ -64,25 +68,22 @@ def dump_yaml(obj) -> str:
 def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> dict:
     t0 = time.time()
     exp = compose.to_experiment(cfg)
-    problems = validate(exp)
+    layout = layout_of(exp)
+    memory = estimate_memory(exp, layout)
+    problems = validate(exp, layout, memory)
     if problems:
         raise InvalidExperiment(problems)
     run_dir = Path(run_dir)
-    _, executes, _ = choose_launcher(exp)
-    dataset = prepare_dataset(exp, show_progress) if executes else None
-    if executes and exp.phase.load_checkpoint and exp.phase.run_mode != "predict":
-        from qwen15_exp.convert import is_hf_folder, mindformers_weights
-        if is_hf_folder(Path(exp.phase.load_checkpoint)):     # Hugging Face weights: converted once, cached
-            exp.phase.load_checkpoint = mindformers_weights(exp.phase.load_checkpoint, show_progress)
-            exp.mindformers = {**exp.mindformers, "load_ckpt_format": "safetensors"}
-    plan = make_plan(exp, run_dir, dataset)
+    dataset = prepare_dataset(exp, show_progress) if layout.executes else None
+    resolve_checkpoint(exp, show_progress)       # a Hugging Face folder: converted once, cached, every launcher
+    plan = make_plan(exp, run_dir, dataset, layout, memory)
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", plan.summary())
     if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
         write_predict_files(plan, exp)
     result = {
         "status": "planned", "experiment": exp.experiment_name, "model": exp.model.name,
-        "phase": exp.phase.name, "parallel": exp.parallel.name, "hardware": exp.hardware.name,
+        "phase": exp.phase.name, "parallel": layout.name, "hardware": exp.hardware.name,
         "run_dir": str(run_dir), "plan": plan.summary(), "data": asdict(dataset) if dataset else None,
         "reference": dict(exp.reference), "versions": versions(), "measured": None,
     }

@@ -1,18 +1,90 @@
-"""Typed schemas of the config groups, registered in Hydra's ConfigStore.
+"""Typed schemas of the configs, registered in Hydra's ConfigStore.
 
-Every group file names its schema in its defaults list (`- /schema/model@_here_`), so a misspelt key or
-a wrong type fails at compose time with Hydra's own message. Semantic checks live in validate.py.
+Each root config (config.yaml, chat.yaml, prepare.yaml, convert.yaml) starts from its schema
+(`experiment_schema`, ...), which types every group below it: a misspelt key, a wrong type or a value
+outside an Enum fails at compose time with OmegaConf's message, which names the allowed values. Semantic
+checks live in validate.py.
+
+Choices are `StrEnum`s whose member names are their values, so YAML and the command line use the plain
+word (`phase.run_mode=predict`) and code compares with strings (`run_mode == "predict"`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-DTYPES = ("float32", "float16", "bfloat16")
-RUN_MODES = ("train", "finetune", "predict")
+
+class DType(StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class RunMode(StrEnum):
+    train = "train"
+    finetune = "finetune"
+    predict = "predict"
+
+
+class DataFormat(StrEnum):
+    alpaca = "alpaca"
+    chatml = "chatml"
+    wiki = "wiki"
+    mindrecord = "mindrecord"
+    none = "none"
+
+
+class LaunchMode(StrEnum):
+    auto = "auto"
+    local = "local"
+    msrun = "msrun"
+    plan = "plan"
+
+
+class DeviceTarget(StrEnum):
+    CPU = "CPU"
+    Ascend = "Ascend"
+    auto = "auto"            # only the hardware=auto profile, replaced before anything reads it
+
+
+class LossScaleKind(StrEnum):
+    dynamic = "dynamic"
+    static = "static"
+    none = "none"
+
+
+class CheckpointFormat(StrEnum):
+    ckpt = "ckpt"
+    safetensors = "safetensors"
+
+
+class ChatMode(StrEnum):
+    interactive = "interactive"
+    demo = "demo"
+    batch = "batch"
+
+
+class Direction(StrEnum):
+    hf2mf = "hf2mf"
+    mf2hf = "mf2hf"
+
+
+class ConvertDType(StrEnum):
+    keep = "keep"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@dataclass
+class Paths:
+    """Roots defined once (qwen15_exp/paths.py); Hydra's run and sweep dirs are built on output_root."""
+    output_root: str = "${q15.output_root:}"
+    cache_root: str = "${q15.cache_root:}"
 
 
 @dataclass
@@ -62,11 +134,11 @@ class ParallelConfig:
 
 @dataclass
 class Precision:
-    compute: str = "bfloat16"
-    param_init: str = "float32"
-    softmax: str = "float32"
-    rotary: str = "float32"
-    layernorm: str = "float32"
+    compute: DType = DType.bfloat16
+    param_init: DType = DType.float32
+    softmax: DType = DType.float32
+    rotary: DType = DType.float32
+    layernorm: DType = DType.float32
 
 
 @dataclass
@@ -88,7 +160,7 @@ class LRSchedule:
 
 @dataclass
 class LossScale:
-    kind: str = "dynamic"                 # dynamic | static | none
+    kind: LossScaleKind = LossScaleKind.dynamic
     value: float = 4096.0
     factor: int = 2
     window: int = 1000
@@ -108,7 +180,7 @@ class Checkpointing:
     prefix: str = "qwen2"
     save_steps: int = 5000
     keep_max: int = 1
-    format: str = "ckpt"                  # ckpt | safetensors
+    format: CheckpointFormat = CheckpointFormat.ckpt
 
 
 @dataclass
@@ -132,7 +204,7 @@ class Generation:
 class PhaseConfig:
     """What the run does: pretrain, finetune or predict (chat = predict + the ChatML template)."""
     name: str = MISSING
-    run_mode: str = MISSING               # MindFormers run_mode: train | finetune | predict
+    run_mode: RunMode = MISSING           # MindFormers run_mode
     chat: bool = False
     seed: int = 42
     batch_size: int = 1                   # runner_config.batch_size: per data-parallel rank, per micro batch
@@ -175,7 +247,7 @@ class HardwareConfig:
     """The target hardware. cpu executes here; an Ascend profile executes where NPUs are, else plans."""
     name: str = MISSING
     description: str = ""
-    device_target: str = MISSING          # CPU | Ascend ('auto' only in the auto profile)
+    device_target: DeviceTarget = MISSING
     devices_per_node: int = 1
     device_memory_gb: float = 0.0         # HBM per device (host RAM for cpu)
     max_device_memory: str = ""           # context.max_device_memory (the budget MindSpore may use)
@@ -198,7 +270,7 @@ class HardwareConfig:
 class DataConfig:
     """Training data: a raw alpaca / chatml / wikitext file prepared on the fly, or a ready MindRecord."""
     name: str = MISSING
-    format: str = MISSING                 # alpaca | chatml | wiki | mindrecord | none
+    format: DataFormat = MISSING
     input: str = ""                       # a file (raw formats) or a .mindrecord file / folder
     seq_length: int = MISSING
     tokenizer_dir: str = ""               # folder with vocab.json + merges.txt; "" = the shipped real files
@@ -210,13 +282,13 @@ class DataConfig:
     file_partition: int = 1
     shuffle: bool = False
     num_parallel_workers: int = 8
-    cache_dir: str = ""                   # "" = ~/.cache/qwen15_exp/data
+    cache_dir: str = ""                   # "" = <cache root>/data
 
 
 @dataclass
 class LaunchConfig:
     """Where and how the run starts."""
-    mode: str = "auto"                    # auto | local | msrun | plan
+    mode: LaunchMode = LaunchMode.auto
     master_addr: str = "127.0.0.1"
     master_port: int = 8118
     cluster_time_out: int = 7200
@@ -226,7 +298,7 @@ class LaunchConfig:
 
 @dataclass
 class ChatOptions:
-    mode: str = "interactive"             # interactive | demo | batch
+    mode: ChatMode = ChatMode.interactive
     questions: List[str] = field(default_factory=list)
     history: bool = True
     max_new_tokens: Optional[int] = None  # None: seq_length // 4, as the seed's chat
@@ -241,6 +313,7 @@ class Experiment:
     hardware: HardwareConfig = MISSING
     data: DataConfig = MISSING
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    paths: Paths = field(default_factory=Paths)
     chat: ChatOptions = field(default_factory=ChatOptions)
     experiment_name: str = "default"
     reference: Dict[str, Any] = field(default_factory=dict)   # published figure for this run, if any
@@ -251,6 +324,7 @@ class Experiment:
 class PrepareJob:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
+    paths: Paths = field(default_factory=Paths)
     output: str = ""
     chatml_output: str = ""       # alpaca only: also write the converter's ChatML JSON Lines here
     progress: bool = True
@@ -259,21 +333,13 @@ class PrepareJob:
 @dataclass
 class ConvertJob:
     model: ModelConfig = MISSING
-    direction: str = "hf2mf"      # hf2mf | mf2hf
+    paths: Paths = field(default_factory=Paths)
+    direction: Direction = Direction.hf2mf
     input: str = MISSING
     output: str = MISSING
-    dtype: str = "keep"           # keep | bf16 | fp16 | fp32
+    dtype: ConvertDType = ConvertDType.keep
     shard_gb: float = 5.0
     progress: bool = True
-
-
-GROUP_SCHEMAS = {
-    "model": ModelConfig,
-    "parallel": ParallelConfig,
-    "phase": PhaseConfig,
-    "hardware": HardwareConfig,
-    "data": DataConfig,
-}
 
 
 def register_configs() -> None:
@@ -281,5 +347,3 @@ def register_configs() -> None:
     cs.store(name="experiment_schema", node=Experiment)
     cs.store(name="prepare_schema", node=PrepareJob)
     cs.store(name="convert_schema", node=ConvertJob)
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group="schema", name=group, node=schema)

@@ -7,12 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import estimate_memory, kv_heads, stage_layers
-from qwen15_exp.layout import choose_launcher, devices
-from qwen15_exp.schema import DTYPES, RUN_MODES
-
-DATA_FORMATS = ("alpaca", "chatml", "wiki", "mindrecord", "none")
-LAUNCH_MODES = ("auto", "local", "msrun", "plan")
+from qwen15_exp.layout import DEGREE_KEYS, layout_of
 
 
 @dataclass(frozen=True)
@@ -30,50 +27,33 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_choices(exp) -> list[Problem]:
+def check_ranges(exp) -> list[Problem]:
+    """Numbers that must be positive (the allowed words are Enums in the schema, checked at compose time)."""
     out = []
-    if exp.phase.run_mode not in RUN_MODES:
-        out.append(Problem("phase", "phase.run_mode", f"{exp.phase.run_mode!r} is not a MindFormers run mode",
-                           f"use one of {', '.join(RUN_MODES)}"))
-    for name in ("compute", "param_init", "softmax", "rotary", "layernorm"):
-        dt = getattr(exp.phase.precision, name)
-        if dt not in DTYPES:
-            out.append(Problem("phase", f"phase.precision.{name}", f"{dt!r} is not a dtype",
-                               f"use one of {', '.join(DTYPES)}"))
-    if exp.data.format not in DATA_FORMATS:
-        out.append(Problem("data", "data.format", f"{exp.data.format!r} is not a data format",
-                           f"use one of {', '.join(DATA_FORMATS)}"))
-    if exp.launch.mode not in LAUNCH_MODES:
-        out.append(Problem("launch", "launch.mode", f"{exp.launch.mode!r} is not a launch mode",
-                           f"use one of {', '.join(LAUNCH_MODES)}"))
-    if exp.hardware.device_target not in ("CPU", "Ascend"):
-        out.append(Problem("hardware", "hardware.device_target",
-                           f"{exp.hardware.device_target!r} is not a MindSpore device target here",
-                           "use CPU or Ascend"))
-    for key in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel", "micro_batch_num",
-                "micro_batch_interleave_num", "gradient_aggregation_group"):
-        v = getattr(exp.parallel, key)
+    counts = [("parallel", key) for _, key in DEGREE_KEYS] + [
+        ("parallel", "micro_batch_num"), ("parallel", "micro_batch_interleave_num"),
+        ("parallel", "gradient_aggregation_group"), ("phase", "batch_size"), ("phase", "epochs"),
+        ("phase", "gradient_accumulation_steps"), ("data", "seq_length")]
+    for group, key in counts:
+        v = getattr(getattr(exp, group), key)
         if v < 1:
-            out.append(Problem("parallel", f"parallel.{key}", f"is {v}, must be at least 1", f"set parallel.{key}=1"))
-    for key in ("batch_size", "epochs"):
-        v = getattr(exp.phase, key)
-        if v < 1:
-            out.append(Problem("phase", f"phase.{key}", f"is {v}, must be at least 1", f"set phase.{key}=1"))
+            out.append(Problem(group, f"{group}.{key}", f"is {v}, must be at least 1", f"set {group}.{key}=1"))
+    if exp.phase.max_steps is not None and exp.phase.max_steps < 1:
+        out.append(Problem("phase", "phase.max_steps", f"is {exp.phase.max_steps}, must be at least 1",
+                           "set phase.max_steps to a positive number of steps, or null to run every epoch"))
     off = exp.parallel.offset
     if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
         out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",
                            "use parallel.offset=0 or one integer per pipeline stage, e.g. [-1,1,1,-1]"))
-    if exp.data.seq_length < 1:
-        out.append(Problem("data", "data.seq_length", f"is {exp.data.seq_length}", "use a positive length"))
+    if exp.hardware.device_target == "auto":
+        out.append(Problem("hardware", "hardware.device_target", "auto is only for the hardware=auto profile",
+                           "choose hardware=cpu, hardware=atlas_800t_a2 or hardware=atlas_900_a2_podc"))
     return out
 
 
-def check_devices(exp) -> list[Problem]:
+def check_devices(exp, L) -> list[Problem]:
     p, hw = exp.parallel, exp.hardware
-    n_dev, per_node = devices(exp), hw.devices_per_node
-    terms = (f"data_parallel={p.data_parallel} x model_parallel={p.model_parallel} x "
-             f"pipeline_stage={p.pipeline_stage}" + (f" x context_parallel={p.context_parallel}"
-                                                      if p.context_parallel > 1 else ""))
+    n_dev, per_node, terms = L.devices, hw.devices_per_node, L.terms
     out = []
     if p.nodes:
         if p.nodes * per_node < n_dev or (n_dev > per_node and p.nodes * per_node != n_dev):
@@ -88,9 +68,9 @@ def check_devices(exp) -> list[Problem]:
             "parallel", "parallel.data_parallel",
             f"{terms} = {n_dev} devices does not fill whole nodes of {per_node} ({hw.name})",
             f"use a device count that is a multiple of {per_node}, e.g. data_parallel="
-            f"{max(1, (n_dev // per_node + 1) * per_node // (p.model_parallel * p.pipeline_stage))}"))
+            f"{max(1, (n_dev // per_node + 1) * per_node // (L.model_parallel * L.pipeline_stage))}"))
     if hw.device_target == "CPU":
-        if p.model_parallel > 1 or p.pipeline_stage > 1 or p.context_parallel > 1:
+        if L.model_parallel > 1 or L.pipeline_stage > 1 or L.context_parallel > 1:
             out.append(Problem(
                 "parallel", "parallel.model_parallel",
                 f"{terms}: model/pipeline/context parallel needs semi-auto parallel, which MindSpore does not "
@@ -100,14 +80,14 @@ def check_devices(exp) -> list[Problem]:
         if n_dev > per_node:
             out.append(Problem(
                 "parallel", "parallel.data_parallel",
-                f"data_parallel={p.data_parallel} CPU workers on a machine with {per_node} cores",
+                f"data_parallel={L.data_parallel} CPU workers on a machine with {per_node} cores",
                 f"use at most data_parallel={per_node} on this CPU"))
     return out
 
 
-def check_model_vs_parallel(exp) -> list[Problem]:
+def check_model_vs_parallel(exp, L) -> list[Problem]:
     m, p = exp.model, exp.parallel
-    mp, out = p.model_parallel, []
+    mp, out = L.model_parallel, []
     ok_mp = [d for d in divisors(m.num_heads) if kv_heads(m) % d == 0]
     if m.hidden_size % m.num_heads:
         out.append(Problem("model", "model.hidden_size",
@@ -139,7 +119,7 @@ def check_model_vs_parallel(exp) -> list[Problem]:
             f"vocab_size={m.vocab_size} is not divisible by model_parallel={mp} and the embedding is "
             f"sharded (vocab_emb_dp=false)",
             "set parallel.vocab_emb_dp=true or use a model_parallel that divides the vocabulary"))
-    pp = p.pipeline_stage
+    pp = L.pipeline_stage
     if isinstance(p.offset, (list, tuple)) and len(p.offset) != pp:
         out.append(Problem(
             "parallel", "parallel.offset",
@@ -160,10 +140,10 @@ def check_model_vs_parallel(exp) -> list[Problem]:
                     f"num_layers={m.num_layers} over pipeline_stage={pp} with offset={p.offset} gives stages "
                     f"of {layers} layers (sum {sum(layers)})",
                     "choose offsets that sum to 0 and leave every stage at least one layer"))
-        if p.micro_batch_num < pp:
+        if L.micro_batch_num < pp:
             out.append(Problem(
                 "parallel", "parallel.micro_batch_num",
-                f"micro_batch_num={p.micro_batch_num} is less than pipeline_stage={pp}: stages would idle",
+                f"micro_batch_num={L.micro_batch_num} is less than pipeline_stage={pp}: stages would idle",
                 f"use micro_batch_num >= {pp} (recipes use 4-16x the stage count, e.g. {4 * pp})"))
     if exp.data.seq_length > m.max_position_embedding:
         out.append(Problem("data", "data.seq_length",
@@ -177,25 +157,23 @@ def check_model_vs_parallel(exp) -> list[Problem]:
     return out
 
 
-def check_memory(exp) -> list[Problem]:
-    est = estimate_memory(exp)
+def check_memory(exp, L, est) -> list[Problem]:
     if est.fits:
         return []
-    m, p = exp.model, exp.parallel
+    m = exp.model
     return [Problem(
         "hardware", "hardware.max_device_memory",
         f"estimated {est.total_gb:.1f} GB per device (weights {est.weights_gb:.1f} + gradients "
         f"{est.gradients_gb:.1f} + optimizer {est.optimizer_gb:.1f} + activations {est.activations_gb:.1f}"
-        f" + KV cache {est.kv_cache_gb:.1f}) for model {m.name} on {p.name} is over the budget of "
+        f" + KV cache {est.kv_cache_gb:.1f}) for model {m.name} on {L.name} is over the budget of "
         f"{est.budget_gb:.0f} GB of {exp.hardware.name}",
         "spread the model over more devices (a larger model_parallel / pipeline_stage), turn on the parallel "
         "optimizer or recompute (phase.recompute.recompute=true), or shorten data.seq_length")]
 
 
-def check_files(exp) -> list[Problem]:
+def check_files(exp, L) -> list[Problem]:
     out = []
-    d = exp.data
-    _, executes, _ = choose_launcher(exp)
+    d, executes = exp.data, L.executes
     # a plan's data lives on the cluster: its path is taken as given (or passed to the launch script)
     if exp.phase.run_mode != "predict" and d.format != "none" and (executes or d.input):
         if not d.input:
@@ -214,15 +192,32 @@ def check_files(exp) -> list[Problem]:
     return out
 
 
-def validate(exp) -> list[Problem]:
-    problems = check_choices(exp)
+def check_tokenizer(exp, L) -> list[Problem]:
+    from qwen15_exp.data.tokenizer import tokenizer_files
+    needs_tokenizer = exp.data.format in ("alpaca", "chatml", "wiki") or exp.phase.run_mode == "predict"
+    if not (L.executes and needs_tokenizer):
+        return []
+    try:
+        tokenizer_files(exp.data.tokenizer_dir or None)
+    except UserError as e:
+        return [Problem("data", "data.tokenizer_dir", str(e).split(";")[0],
+                        "set data.tokenizer_dir to a folder with vocab.json and merges.txt, or leave it empty "
+                        "for the shipped Qwen tokenizer")]
+    return []
+
+
+def validate(exp, layout=None, memory=None) -> list[Problem]:
+    """Every problem of the experiment. A run hands in its layout and memory estimate (computed once)."""
+    problems = check_ranges(exp)
     if problems:                      # the remaining checks assume sane values
         return problems
-    problems += check_devices(exp)
-    problems += check_model_vs_parallel(exp)
+    L = layout or layout_of(exp)
+    problems += check_devices(exp, L)
+    problems += check_model_vs_parallel(exp, L)
     if not problems:
-        problems += check_memory(exp)
-    problems += check_files(exp)
+        problems += check_memory(exp, L, memory or estimate_memory(exp, L))
+    problems += check_files(exp, L)
+    problems += check_tokenizer(exp, L)
     return problems
 
 

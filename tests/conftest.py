@@ -11,8 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from qwen15_exp.compose import conf_dir, register_resolvers, to_experiment
-from qwen15_exp.schema import register_configs
+from qwen15_exp.compose import conf_dir, register, to_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +24,7 @@ if os.environ.get("CI"):
 
 @pytest.fixture(scope="session", autouse=True)
 def _registered():
-    register_resolvers()
-    register_configs()
+    register()
 
 
 def compose_cfg(overrides=()):

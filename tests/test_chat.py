@@ -3,7 +3,8 @@ import io
 
 import pytest
 
-from qwen15_exp.chat import ChatSession, cut_at_stop, interactive, make_context
+from qwen15_exp.chat import ChatSession, interactive
+from qwen15_exp.data.chatml import cut_at_stop, make_context
 from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
 from conftest import only_run_dir, read_json, run_cli
 

@@ -27,7 +27,7 @@ def test_72b_finetune_on_a_machine_without_npus_is_a_plan(tmp_path):
     assert result["status"] == "planned" and result["measured"] is None
     assert result["plan"]["devices"] == 32 and result["plan"]["nodes"] == 4
     assert (run_dir / "mindformers.yaml").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs"]   # the CPU calibration: XDG_CACHE_HOME
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -100,6 +100,7 @@ def test_schema_rejects_typos_and_wrong_types(override):
 def test_hardware_overrides_apply_to_the_profile_auto_picks():
     exp = make_experiment(["model=72b", "parallel=mp8pp4", "hardware.max_device_memory=40GB",
                            "+hardware.env.HCCL_BUFFSIZE=2"])
-    assert exp.hardware.name == "atlas_800t_a2"
+    # a changed profile does not claim the preset's name
+    assert exp.hardware.name == "atlas_800t_a2 (modified: max_device_memory, env)"
     assert exp.hardware.max_device_memory == "40GB" and exp.hardware.env == {"HCCL_BUFFSIZE": "2"}
     assert exp.hardware.devices_per_node == 8

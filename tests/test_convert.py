@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen15_exp.weights import HF_TO_MF, MF_TO_HF, bf16_to_f32, f32_to_bf16, read_header, rename
+from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
+from qwen15_exp.weights.tensors import bf16_to_f32, f32_to_bf16, read_header
 from conftest import make_experiment, run_cli
 
 torch = pytest.importorskip("torch")

@@ -87,7 +87,7 @@ def test_table_rows_compose_from_their_recipes():
     assert len(rows) == 10 and len(published_rows("900_a2_podc")) == 6
     assert rows["finetune_7b"].reference["figure"] == 2684 and rows["finetune_7b"].parallel.name == "dp8"
     assert rows["predict_32b_chat"].data.seq_length == 4096          # the table's length, not the YAML's 8192
-    assert all(exp.hardware.name == "atlas_900_a2_podc" for _, exp in published_rows("900_a2_podc"))
+    assert all(exp.hardware.name.startswith("atlas_900_a2_podc") for _, exp in published_rows("900_a2_podc"))
 
 
 def test_training_estimate_accuracy_on_the_900_a2_podc_rows():

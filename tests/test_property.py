@@ -57,5 +57,5 @@ def test_compose_validate_plan_never_crashes(model, phase, parallel, hardware, o
         assert all(p.group and p.key and p.message and p.fix for p in problems)
         return
     plan = make_plan(exp, Path("/plans/x"))
-    assert plan.devices == exp.parallel.data_parallel * exp.parallel.model_parallel * exp.parallel.pipeline_stage
+    assert plan.layout.devices == exp.parallel.data_parallel * exp.parallel.model_parallel * exp.parallel.pipeline_stage
     assert plan.memory.fits and plan.mindformers["parallel_config"]["model_parallel"] == exp.parallel.model_parallel

@@ -38,7 +38,7 @@ def built(tmp_path_factory):
     script = textwrap.dedent(f"""
         import json, os, sys
         os.environ["LOCAL_DEFAULT_PATH"] = {str(tmp)!r}; os.environ["LOG_MF_PATH"] = {str(tmp / 'log')!r}
-        from qwen15_exp.network import build_lazily, parameter_count, parameter_table
+        from lazy_network import build_lazily, parameter_count, parameter_table
         out = {{}}
         for size, mc in json.loads(sys.stdin.read()).items():
             net = build_lazily(mc)

@@ -81,8 +81,20 @@ def test_all_problems_are_reported_together():
     assert text.startswith(f"{len(problems)} problems found; nothing was run:")
 
 
-@pytest.mark.parametrize("override,key", [("phase.run_mode=training", "phase.run_mode"),
-                                          ("phase.precision.compute=fp8", "phase.precision.compute"),
-                                          ("parallel.data_parallel=0", "parallel.data_parallel")])
-def test_bad_choices(override, key):
+@pytest.mark.parametrize("override,key", [("parallel.data_parallel=0", "parallel.data_parallel"),
+                                          ("phase.max_steps=-5", "phase.max_steps"),
+                                          ("phase.gradient_accumulation_steps=0", "phase.gradient_accumulation_steps")])
+def test_bad_numbers(override, key):
     assert key in keys(validate(make_experiment([override])))
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("phase.run_mode=training", "[train, finetune, predict]"),
+    ("phase.precision.compute=fp8", "[float32, float16, bfloat16]"),
+    ("data.format=parquet", "[alpaca, chatml, wiki, mindrecord, none]"),
+    ("launch.mode=slurm", "[auto, local, msrun, plan]")])
+def test_bad_choices_fail_at_compose_naming_the_allowed_values(override, allowed):
+    from hydra.errors import ConfigCompositionException
+    with pytest.raises(ConfigCompositionException) as e:
+        make_experiment([override])
+    assert allowed in str(e.value.__cause__)

@@ -99,7 +99,7 @@ def iter_chatml(path: str | Path) -> Iterator[list[dict]]:
 
 def write_chatml_jsonl(conversations, out_path: str | Path) -> int:
     """The converter's output file: one {"type": "chatml", "messages": [...]} per line."""
-    from qwen15_exp.io import atomic_path
+    from qwen15_exp.atomic import atomic_path
     n = 0
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for msgs in conversations:

@@ -1,6 +1,10 @@
-"""ChatML conversations -> fixed-length token rows (input_ids, labels) for supervised finetuning.
+"""ChatML, in one place: the template, chat prompts and stop handling, and conversations -> training rows.
 
-Default = the seed's `qwen1_5_preprocess.py --dataset_type qa`: each message rendered as
+Template: `<|im_start|>{role}\n{content}<|im_end|>`, turns joined by newlines, a reply opened with
+`<|im_start|>assistant\n` and ended at <|im_end|> (or a new <|im_start|>). Chat, predict and data
+preparation all render it through `turn`.
+
+Training rows (default = the seed's `qwen1_5_preprocess.py --dataset_type qa`) = the seed's `qwen1_5_preprocess.py --dataset_type qa`: each message rendered as
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`, tokenized, cut or right-padded with <|endoftext|> (151643)
 to seq_length+1, labels = input_ids with every pad set to -100. Options:
 - mask_prompt: labels only on assistant answers (content + <|im_end|>), -100 elsewhere;
@@ -9,25 +13,65 @@ to seq_length+1, labels = input_ids with every pad set to -100. Options:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from qwen15_exp.data.tokenizer import IM_END, IM_START, PAD_ID
+from qwen15_exp.data.tokenizer import ENDOFTEXT, IM_END, IM_END_ID, IM_START, IM_START_ID, PAD_ID
 
 IGNORE = -100
+ASSISTANT_OPENER = f"{IM_START}assistant\n"
+
+
+def turn(role: str, content: str) -> str:
+    return f"{IM_START}{role}\n{content}{IM_END}"
+
+
+def eos_token(chat: bool) -> str:
+    """The token that ends a reply: <|im_end|> in the chat template, <|endoftext|> for plain text."""
+    return IM_END if chat else ENDOFTEXT
+
+
+def chat_prompt(system: str, query: str) -> str:
+    """A single-turn chat prompt, ready for the model to write the answer."""
+    return f"{turn('system', system)}\n{turn('user', query)}\n{ASSISTANT_OPENER}"
+
+
+def make_context(tokenizer, query: str, history: list[tuple[str, str]], system: str,
+                 max_window_size: int) -> list[int]:
+    """Prompt ids as the seed's make_context builds them: system, as many recent history turns as fit
+    in max_window_size (newest kept first), the query, the assistant opener."""
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    system_ids = ids(turn("system", system))
+    tail = ids("\n" + turn("user", query) + "\n" + ASSISTANT_OPENER)
+    context: list[int] = []
+    for q, a in reversed(history):
+        pair = ids("\n" + turn("user", q) + "\n" + turn("assistant", a))
+        if len(system_ids) + len(pair) + len(context) + len(tail) > max_window_size:
+            break
+        context = pair + context
+    return system_ids + context + tail
+
+
+def cut_at_stop(new_ids: list[int]) -> list[int]:
+    """A reply's ids up to (not including) <|im_end|> or a new <|im_start|>."""
+    for i, t in enumerate(new_ids):
+        if t in (IM_END_ID, IM_START_ID):
+            return new_ids[:i]
+    return new_ids
 
 
 def render_chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The ChatML text and the character spans of assistant answers (content + <|im_end|>)."""
     parts, answer_spans, pos = [], [], 0
     for m in messages:
-        head = f"{IM_START}{m['role']}\n"
-        body = f"{m['content']}{IM_END}"
+        piece = turn(m["role"], m["content"]) + "\n"
         if m["role"] == "assistant":
-            answer_spans.append((pos + len(head), pos + len(head) + len(body)))
-        piece = head + body + "\n"
+            head = len(f"{IM_START}{m['role']}\n")
+            answer_spans.append((pos + head, pos + len(piece) - 1))      # content + <|im_end|>
         parts.append(piece)
         pos += len(piece)
     return "".join(parts), answer_spans
@@ -51,7 +95,6 @@ class RowStats:
     padding: int = 0           # pad positions written
     trained: int = 0           # positions with a label other than -100
     positions: int = 0
-    notes: list = field(default_factory=list)
 
     @property
     def padding_fraction(self) -> float:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
-from qwen15_exp.io import atomic_dir, write_json
+from qwen15_exp.paths import cache_root
+from qwen15_exp.atomic import atomic_dir, write_json
 
 PREPARE_VERSION = 1          # bump when the row format changes, so old caches are not reused
 RAW_FORMATS = ("alpaca", "chatml", "wiki")
@@ -29,8 +29,7 @@ class PreparedData:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "qwen15_exp" / "data"
+    return cache_root() / "data"
 
 
 def _file_digest(path: Path, h=None) -> str:
@@ -107,7 +106,7 @@ def _prepare_into(data, seq_length: int, folder: Path, show_progress: bool) -> d
     if stats.rows == 0:
         raise UserError(f"{data.input} gave no rows at seq_length={seq_length}; for wiki the text must hold "
                         f"at least seq_length+1 tokens")
-    summary = {k: v for k, v in asdict(stats).items() if k != "notes"}
+    summary = asdict(stats)
     summary.update({
         "format": data.format, "input": str(data.input), "seq_length": seq_length, "rows": stats.rows,
         "columns": list(schema), "files": [f.name for f in files],

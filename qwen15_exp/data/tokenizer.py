@@ -11,6 +11,8 @@ import functools
 import importlib.util
 from pathlib import Path
 
+from qwen15_exp.errors import UserError
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = {ENDOFTEXT: 151643, IM_START: 151644, IM_END: 151645}
 PAD_ID = SPECIAL_TOKENS[ENDOFTEXT]
@@ -23,8 +25,8 @@ QWEN2_SPLIT_PATTERN = (
 )
 
 
-class TokenizerFilesError(ValueError):
-    pass
+class TokenizerFilesError(UserError, ValueError):
+    """The tokenizer files are missing or are not the Qwen2 vocabulary."""
 
 
 def default_tokenizer_dir() -> Path:
@@ -74,7 +76,7 @@ def load_tokenizer(tokenizer_dir: str | None = None):
 
 def save_tokenizer_json(path: Path, tokenizer_dir: str | None = None) -> Path:
     """Write tokenizer.json (what MindFormers' PreTrainedTokenizerFast loads) atomically."""
-    from qwen15_exp.io import atomic_path
+    from qwen15_exp.atomic import atomic_path
     with atomic_path(path) as tmp:
         load_tokenizer(tokenizer_dir).save(str(tmp))
     return path

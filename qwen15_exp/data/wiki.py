@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -64,7 +64,6 @@ class WikiStats:
     padding: int = 0
     positions: int = 0
     truncated: int = 0
-    notes: list = field(default_factory=list)
 
     @property
     def padding_fraction(self) -> float:

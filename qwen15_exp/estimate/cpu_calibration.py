@@ -4,7 +4,7 @@
 
 The profile reads the figures through resolvers (`${q15.cpu_tflops:}`, `${q15.cpu_bandwidth_gbs:}`); they
 are measured once (about half a second, numpy's BLAS on every core, a 256 MB copy) and cached in
-~/.cache/qwen15_exp/cpu_calibration.json, keyed by CPU model and core count.
+<cache root>/cpu_calibration.json (qwen15_exp/paths.py), keyed by CPU model and core count.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import platform
 import time
 from pathlib import Path
 
+from qwen15_exp.paths import cache_root
+
 
 def cache_file() -> Path:
-    return Path(os.path.expanduser("~")) / ".cache" / "qwen15_exp" / "cpu_calibration.json"
+    return cache_root() / "cpu_calibration.json"
 
 
 def machine_key() -> str:
@@ -62,7 +64,7 @@ def load(refresh: bool = False) -> dict:
         except (OSError, ValueError):
             pass
     figures = measure()
-    from qwen15_exp.io import write_json
+    from qwen15_exp.atomic import write_json
     try:
         write_json(path, figures)
     except OSError:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from qwen15_exp.adapt import adapt
+from qwen15_exp.layout import layout_of
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GB = 2**30
 
@@ -88,14 +91,15 @@ def parse_gb(text: str) -> float:
     return float(t)
 
 
-def params_per_device(exp) -> int:
+def params_per_device(exp, layout=None) -> int:
     m, p = exp.model, exp.parallel
-    layers = max(stage_layers(m.num_layers, p.pipeline_stage, p.offset))
-    layer_w = layers * layer_params(m) / p.model_parallel
-    emb_shard = 1 if p.vocab_emb_dp else p.model_parallel
+    L = layout or layout_of(exp)
+    layers = max(stage_layers(m.num_layers, L.pipeline_stage, p.offset))
+    layer_w = layers * layer_params(m) / L.model_parallel
+    emb_shard = 1 if p.vocab_emb_dp else L.model_parallel
     emb = embedding_params(m) / emb_shard
     # the embedding sits on the first stage, lm_head on the last; with one stage both are here
-    heads = emb if (m.tie_word_embeddings or p.pipeline_stage > 1) else 2 * emb
+    heads = emb if (m.tie_word_embeddings or L.pipeline_stage > 1) else 2 * emb
     return int(layer_w + heads + m.hidden_size)
 
 
@@ -111,51 +115,46 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, seq_parallel:
     return s * b * h * (10 + 24 / t + score / t) * scale
 
 
-def activation_bytes(exp, dtype_bytes: int) -> float:
-    m, p, ph = exp.model, exp.parallel, exp.phase
+def activation_bytes(exp, layout, flash: bool, dtype_bytes: int) -> float:
+    m, p, ph, L = exp.model, exp.parallel, exp.phase, layout
     s, b = exp.data.seq_length, ph.batch_size
-    t = p.model_parallel
-    layers = max(stage_layers(m.num_layers, p.pipeline_stage, p.offset))
+    t = L.model_parallel
+    layers = max(stage_layers(m.num_layers, L.pipeline_stage, p.offset))
     per_layer = layer_activation_bytes(
-        s, b, m.hidden_size, m.num_heads, t, p.use_seq_parallel and t > 1,
-        ph.use_flash_attention and exp.hardware.supports.flash_attention, ph.recompute.select_recompute,
+        s, b, m.hidden_size, m.num_heads, t, p.use_seq_parallel and t > 1, flash, ph.recompute.select_recompute,
         ph.recompute.recompute, dtype_bytes)
-    in_flight = min(p.pipeline_stage, p.micro_batch_num) if p.pipeline_stage > 1 else 1
+    in_flight = min(L.pipeline_stage, L.micro_batch_num) if L.pipeline_stage > 1 else 1
     logits = 4 * s * b * m.vocab_size / (1 if p.vocab_emb_dp else t)   # fp32 logits for the loss
     return per_layer * layers * in_flight + logits
 
 
-def kv_cache_bytes(exp, dtype_bytes: int) -> float:
+def kv_cache_bytes(exp, layout, dtype_bytes: int) -> float:
     m, g = exp.model, exp.phase.generation
     tokens = g.num_blocks * g.block_size if g.use_past else 0
-    return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / exp.parallel.model_parallel
+    return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / layout.model_parallel
 
 
-def effective_dtype(exp, name: str) -> str:
-    """A precision as the target hardware will run it (CPU: everything fp32)."""
-    dt = getattr(exp.phase.precision, name)
-    sup = exp.hardware.supports
-    if (dt == "bfloat16" and not sup.bfloat16) or (dt == "float16" and not sup.float16):
-        return "float32"
-    return dt
+def estimate_memory(exp, layout=None) -> MemoryEstimate:
+    """Per-device memory of the run as the target hardware will execute it (after the adaptations)."""
+    return _estimate(exp, layout or layout_of(exp), adapt(exp))
 
 
-def estimate_memory(exp) -> MemoryEstimate:
+def _estimate(exp, layout, adapted) -> MemoryEstimate:
     ph, p = exp.phase, exp.parallel
-    n = params_per_device(exp)
-    w_bytes = DTYPE_BYTES.get(effective_dtype(exp, "param_init"), 4)   # unknown: validate() reports it
-    act_bytes = DTYPE_BYTES.get(effective_dtype(exp, "compute"), 4)
+    n = params_per_device(exp, layout)
+    w_bytes = DTYPE_BYTES[adapted.precision["param_init"]]
+    act_bytes = DTYPE_BYTES[adapted.precision["compute"]]
     training = ph.run_mode != "predict"
     # MindSpore's parallel optimizer keeps only a 1/dp slice of every weight, its gradient and its
     # optimizer state on each device (weights are all-gathered for compute, gradients reduce-scattered)
-    shard = p.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
+    shard = layout.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
     weights = n * w_bytes / shard
     grads = n * w_bytes / shard if training else 0
     optimizer = n * 8 / shard if training else 0
-    acts = activation_bytes(exp, act_bytes) if training else 0
-    kv = kv_cache_bytes(exp, act_bytes) if not training else 0
+    acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes) if training else 0
+    kv = kv_cache_bytes(exp, layout, act_bytes) if not training else 0
     if not training:                                # prefill of one sequence, no stored activations
-        acts = 4 * exp.data.seq_length * exp.model.vocab_size / p.model_parallel
+        acts = 4 * exp.data.seq_length * exp.model.vocab_size / layout.model_parallel
     total = weights + grads + optimizer + acts + kv
     budget = parse_gb(exp.hardware.max_device_memory) or exp.hardware.device_memory_gb
     return MemoryEstimate(
@@ -169,4 +168,4 @@ def cpu_training_bytes(exp) -> float:
     from qwen15_exp.schema import Supports
     probe = deepcopy(exp)
     probe.hardware.supports = Supports(bfloat16=False, float16=False, flash_attention=False)
-    return estimate_memory(probe).total_gb * GB
+    return _estimate(probe, layout_of(probe), adapt(probe)).total_gb * GB

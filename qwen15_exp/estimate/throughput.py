@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qwen15_exp.estimate.memory import DTYPE_BYTES, effective_dtype, head_dim, kv_heads, layer_params
-from qwen15_exp.estimate.memory import params_per_device as _params_per_device
-from qwen15_exp.layout import devices, global_batch, nodes
+from qwen15_exp.adapt import adapt
+from qwen15_exp.estimate.memory import DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device
+from qwen15_exp.layout import layout_of
 
 
 @dataclass(frozen=True)
@@ -57,91 +57,92 @@ def train_flops_per_token(exp) -> float:
     return flops
 
 
-def memory_traffic_bytes(exp) -> float:
+def memory_traffic_bytes(exp, layout) -> float:
     """Bytes a step moves outside matmuls: the optimizer update (weight, gradient and two AdamW moments,
     read and written: 32 bytes per fp32 parameter) and the fp32 logits of the loss (about 4 passes)."""
-    p, m = exp.parallel, exp.model
-    shard = p.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
-    update = _params_per_device(exp) / shard * 32
-    micro_batches = global_batch(exp) / (exp.phase.batch_size * p.data_parallel)
-    vocab_shard = 1 if p.vocab_emb_dp else p.model_parallel
+    p, m, L = exp.parallel, exp.model, layout
+    shard = L.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
+    update = params_per_device(exp, L) / shard * 32
+    micro_batches = L.global_batch / (exp.phase.batch_size * L.data_parallel)
+    vocab_shard = 1 if p.vocab_emb_dp else L.model_parallel
     logits = 4 * 4 * exp.data.seq_length * exp.phase.batch_size * m.vocab_size / vocab_shard * micro_batches
     return update + logits
 
 
-def peak_flops(exp) -> float:
-    dt = effective_dtype(exp, "compute")
-    return exp.hardware.peak_tflops.get(dt, 0.0) * 1e12
+def peak_flops(exp, compute_dtype: str) -> float:
+    return exp.hardware.peak_tflops.get(compute_dtype, 0.0) * 1e12
 
 
 def constants(exp) -> dict:
     return dict(exp.hardware.estimate)
 
 
-def estimate_train(exp) -> ThroughputEstimate:
-    hw, p, m, c = exp.hardware, exp.parallel, exp.model, constants(exp)
-    n_dev, gb, s = devices(exp), global_batch(exp), exp.data.seq_length
+def estimate_train(exp, layout=None) -> ThroughputEstimate:
+    hw, m, c, L = exp.hardware, exp.model, constants(exp), layout or layout_of(exp)
+    dtype = adapt(exp).precision
+    n_dev, gb, s = L.devices, L.global_batch, exp.data.seq_length
     tokens = gb * s
+    peak = peak_flops(exp, dtype["compute"])
     # peak_tflops is per device; on a CPU it is the node's, shared by the workers msrun starts there
-    per_device_peak = peak_flops(exp) / (min(n_dev, hw.devices_per_node) if hw.shared_node_compute else 1)
-    compute = tokens * train_flops_per_token(exp) / (n_dev * per_device_peak * c["compute_efficiency"])
-    bubble = compute * (p.pipeline_stage - 1) / p.micro_batch_num if p.pipeline_stage > 1 else 0.0
-    act_bytes = DTYPE_BYTES[effective_dtype(exp, "compute")]
-    t = p.model_parallel
+    workers_sharing = L.devices_here if hw.shared_node_compute else 1
+    compute = tokens * train_flops_per_token(exp) / (n_dev * peak / workers_sharing * c["compute_efficiency"])
+    bubble = compute * (L.pipeline_stage - 1) / L.micro_batch_num if L.pipeline_stage > 1 else 0.0
+    act_bytes = DTYPE_BYTES[dtype["compute"]]
+    t = L.model_parallel
+    micro_batches = gb / (exp.phase.batch_size * L.data_parallel)
     tp = 0.0
     if t > 1:
         per_micro = s * exp.phase.batch_size * m.hidden_size * act_bytes * (t - 1) / t
         collectives = 8 + (2 if exp.phase.recompute.recompute else 0)
-        layers_here = m.num_layers / p.pipeline_stage
-        micro_batches = gb / (exp.phase.batch_size * p.data_parallel)
+        layers_here = m.num_layers / L.pipeline_stage
         tp = collectives * per_micro * layers_here * micro_batches / (hw.intra_node_bandwidth_gbs * 1e9)
     dp = 0.0
-    if p.data_parallel > 1:
-        grad_bytes = _params_per_device(exp) * DTYPE_BYTES.get(effective_dtype(exp, "param_init"), 4)
-        crosses_nodes = nodes(exp) > 1 and p.model_parallel * p.pipeline_stage < hw.devices_per_node * nodes(exp)
-        bw = hw.inter_node_bandwidth_gbs if crosses_nodes and nodes(exp) > 1 else hw.intra_node_bandwidth_gbs
-        dp = 2 * (p.data_parallel - 1) / p.data_parallel * grad_bytes / (bw * 1e9)
+    if L.data_parallel > 1:
+        grad_bytes = params_per_device(exp, L) * DTYPE_BYTES[dtype["param_init"]]
+        crosses_nodes = L.nodes > 1 and t * L.pipeline_stage < hw.devices_per_node * L.nodes
+        bw = hw.inter_node_bandwidth_gbs if crosses_nodes else hw.intra_node_bandwidth_gbs
+        dp = 2 * (L.data_parallel - 1) / L.data_parallel * grad_bytes / (bw * 1e9)
     exposed = 1.0 - c.get("comm_overlap", 0.0)
-    workers_sharing = min(n_dev, hw.devices_per_node) if hw.shared_node_compute else 1
-    memory = memory_traffic_bytes(exp) * workers_sharing / (hw.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0))
+    memory = memory_traffic_bytes(exp, L) * workers_sharing / (
+        hw.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0))
     overhead = c.get("step_overhead_ms", 0.0) / 1000
     step = compute + bubble + exposed * (tp + dp) + memory + overhead
     return ThroughputEstimate(
         kind="train", tokens_per_s=tokens / step, tokens_per_s_per_device=tokens / step / n_dev, step_s=step,
         terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
                  "data_parallel_comm": exposed * dp, "memory_traffic": memory, "step_overhead": overhead},
-        assumptions=f"global batch {gb} x seq {s}; peak {peak_flops(exp) / 1e12:.0f} TFLOP/s "
-                    f"({effective_dtype(exp, 'compute')}) x compute_efficiency {c['compute_efficiency']}")
+        assumptions=f"global batch {gb} x seq {s}; peak {peak / 1e12:.0f} TFLOP/s "
+                    f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}")
 
 
-def estimate_predict(exp, prompt_tokens: int = 256, new_tokens: int = 256) -> ThroughputEstimate:
-    hw, m, p, c = exp.hardware, exp.model, exp.parallel, constants(exp)
+def estimate_predict(exp, layout=None, prompt_tokens: int = 256, new_tokens: int = 256) -> ThroughputEstimate:
+    hw, m, c, L = exp.hardware, exp.model, constants(exp), layout or layout_of(exp)
+    adapted = adapt(exp)
+    dtype, mp = adapted.precision, L.model_parallel
+    peak = peak_flops(exp, dtype["compute"])
     batch = exp.phase.batch_size
-    w_bytes = _params_per_device(exp) * DTYPE_BYTES.get(effective_dtype(exp, "param_init"), 2)
-    kv_per_token = 2 * m.num_layers * kv_heads(m) * head_dim(m) * DTYPE_BYTES.get(effective_dtype(exp, "compute"), 2)
+    w_bytes = params_per_device(exp, L) * DTYPE_BYTES[dtype["param_init"]]
+    kv_per_token = 2 * m.num_layers * kv_heads(m) * head_dim(m) * DTYPE_BYTES[dtype["compute"]]
     avg_context = prompt_tokens + new_tokens / 2
-    kv_read = batch * avg_context * kv_per_token / p.model_parallel
+    kv_read = batch * avg_context * kv_per_token / mp
     mem_bw = hw.hbm_bandwidth_gbs * 1e9 * c["memory_efficiency"]
     decode = (w_bytes + kv_read) / mem_bw + c.get("decode_overhead_ms", 0.0) / 1000
-    cached = exp.phase.generation.use_past and exp.hardware.supports.kv_cache
-    if not cached:                         # no KV cache (CPU): every token recomputes the whole context
-        decode += 2 * matmul_params(m) * avg_context * batch / (
-            p.model_parallel * peak_flops(exp) * c["compute_efficiency"])
-    prefill = 2 * matmul_params(m) * prompt_tokens * batch / (
-        p.model_parallel * peak_flops(exp) * c["compute_efficiency"])
+    if not adapted.use_past:               # no KV cache (CPU): every token recomputes the whole context
+        decode += 2 * matmul_params(m) * avg_context * batch / (mp * peak * c["compute_efficiency"])
+    prefill = 2 * matmul_params(m) * prompt_tokens * batch / (mp * peak * c["compute_efficiency"])
     total = prefill + new_tokens * decode
     tps = batch * new_tokens / total
     return ThroughputEstimate(
-        kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / devices(exp), step_s=decode,
+        kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / L.devices, step_s=decode,
         terms_s={"decode_per_token": decode, "prefill": prefill, "weights_read_per_token": w_bytes / mem_bw},
         assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, "
-                    f"KV cache {'on' if cached else 'off (full recompute per token)'}, "
+                    f"KV cache {'on' if adapted.use_past else 'off (full recompute per token)'}, "
                     f"HBM {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
 
 
-def estimate_throughput(exp) -> ThroughputEstimate | None:
+def estimate_throughput(exp, layout=None) -> ThroughputEstimate | None:
     if not exp.hardware.estimate or not exp.hardware.peak_tflops:
         return None
     if exp.phase.run_mode == "predict":
-        return estimate_predict(exp)
-    return estimate_train(exp)
+        return estimate_predict(exp, layout)
+    return estimate_train(exp, layout)

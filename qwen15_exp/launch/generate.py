@@ -1,7 +1,8 @@
 """Text generation with MindFormers' own LlamaForCausalLM.generate, on the model a mindformers.yaml describes.
 
 On CPU two MindFormers defaults need help (both from the field notes): greedy decoding calls mint.argmax,
-whose ArgMaxExt kernel is Ascend-only, so the model's argmax is swapped for ops.Argmax; and sampling runs
+whose ArgMaxExt kernel is Ascend-only, so `use_cpu_argmax` gives MindFormers' text generator ops.Argmax,
+for this process (the in-process generator and the msrun worker's Trainer.predict alike); and sampling runs
 its logits processors in numpy (`postprocess_use_numpy`, set in the CPU config). The KV cache is Ascend-only
 too: the CPU config has use_past false, so each new token recomputes the sequence.
 """
@@ -10,6 +11,30 @@ from __future__ import annotations
 import time
 
 from qwen15_exp.errors import UserError
+
+
+def use_cpu_argmax() -> None:
+    """MindFormers' text generator calls mint.argmax (ArgMaxExt, Ascend-only): give it ops.Argmax on CPU.
+
+    GenerationMixin binds `self.argmax = mint.argmax` from the text generator's module namespace when a model
+    is built, so this runs before the model is built."""
+    import mindspore as ms
+    import mindformers.generation.text_generator as text_generator
+
+    if getattr(text_generator.mint, "is_cpu_argmax", False):
+        return
+
+    class CpuMint:
+        is_cpu_argmax = True
+        _argmax = ms.ops.Argmax(axis=-1, output_type=ms.int32)
+
+        def __getattr__(self, name):
+            return getattr(ms.mint, name)
+
+        def argmax(self, x, dim=-1, keepdim=False):
+            return self._argmax(x)
+
+    text_generator.mint = CpuMint()
 
 
 def load_params(network, checkpoint: str) -> None:
@@ -53,7 +78,6 @@ class Streamer:
 
 class Generator:
     def __init__(self, mf_config: dict, checkpoint: str = "", quiet: bool = False):
-        import mindspore as ms
         from mindformers import LlamaConfig, LlamaForCausalLM
         from mindformers.core.context import build_context
         if quiet:                          # MindFormers logs every generate() call to stdout
@@ -64,13 +88,12 @@ class Generator:
 
         build_context({"context": mf_config["context"], "parallel": {"parallel_mode": 0}, "use_parallel": False,
                        "postprocess_use_numpy": mf_config.get("postprocess_use_numpy", False)})
+        if mf_config["context"].get("device_target") == "CPU":
+            use_cpu_argmax()
         mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k != "type"}
         self.seq_length = mc["seq_length"]
         self.model = LlamaForCausalLM(LlamaConfig(**mc, checkpoint_name_or_path=""))
         self.model.set_train(False)
-        if mf_config["context"].get("device_target") == "CPU":
-            argmax = ms.ops.Argmax(axis=-1, output_type=ms.int32)
-            object.__setattr__(self.model, "argmax", lambda x, dim=-1: argmax(x))
         self.checkpoint = checkpoint
         if checkpoint:
             load_params(self.model, checkpoint)

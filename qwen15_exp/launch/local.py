@@ -1,8 +1,9 @@
 """Launch step, in process: the calls run_mindformer.py makes, on the written mindformers.yaml.
 
-Only this package (launch/) imports MindSpore and MindFormers. MindFormers picks its output and log
-folders when it is first imported, so the environment is set before that import, and the working
-directory is the run dir while it runs (MindSpore drops rank_*/ and kernel_meta/ folders into it).
+Of the run path (compose -> validate -> plan -> launch), only launch/ imports MindSpore and MindFormers;
+elsewhere only the steps that need them do (MindRecord writing, .ckpt I/O, mindformers_ext). MindFormers
+picks its output and log folders when it is first imported, so the environment is set before that import,
+and the working directory is the run dir while it runs (MindSpore drops rank_*/ and kernel_meta/ into it).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def inside(run_dir: Path, env: dict):
                 os.environ[k] = v
 
 
-def run_mindformers(yaml_path: Path, callbacks=None, predict_data=None, max_length=None):
-    """MindFormerConfig -> set_output_path -> build_context -> Trainer(config).train() / .predict()."""
+def run_mindformers(yaml_path: Path, callbacks=None):
+    """MindFormerConfig -> set_output_path -> build_context -> Trainer(config).train()."""
     from mindformers.core.context import build_context
     from mindformers.tools.register import MindFormerConfig
     from mindformers.trainer import Trainer
@@ -47,8 +48,6 @@ def run_mindformers(yaml_path: Path, callbacks=None, predict_data=None, max_leng
     set_output_path(config.output_dir)
     build_context(config)
     trainer = Trainer(config, callbacks=callbacks)
-    if config.run_mode == "predict":
-        return trainer.predict(input_data=predict_data, max_length=max_length)
     # run_mindformer.py calls train() for both train and finetune; finetune() would drop load_checkpoint
     return trainer.train()
 
@@ -68,15 +67,15 @@ def run_local(plan, yaml_path: Path, process_t0: float) -> dict:
         run_mindformers(yaml_path, callbacks=[recorder])
         t_end = time.perf_counter()
     return measured_figures(
-        losses=recorder.losses, step_times=recorder.step_times(), tokens_per_step=plan.tokens_per_step,
-        devices=plan.devices, first_step_s=(recorder.step_end_unix[0] - process_t0) if recorder.step_end_unix
+        losses=recorder.losses, step_times=recorder.step_times(), tokens_per_step=plan.layout.tokens_per_step,
+        devices=plan.layout.devices, first_step_s=(recorder.step_end_unix[0] - process_t0) if recorder.step_end_unix
         else None, train_call_s=t_end - t_call, peak_rss_mb=peak_rss_mb())
 
 
 def run_predict(plan, exp) -> tuple[dict, list[dict]]:
     """Generate for phase.predict_data (ChatML-wrapped for phase=chat); measure decode speed."""
+    from qwen15_exp.data.chatml import cut_at_stop, make_context
     from qwen15_exp.data.tokenizer import load_tokenizer
-    from qwen15_exp.convert import mindformers_weights
     from qwen15_exp.launch.generate import Generator, generation_kwargs
 
     tok = load_tokenizer(exp.data.tokenizer_dir or None)
@@ -85,11 +84,10 @@ def run_predict(plan, exp) -> tuple[dict, list[dict]]:
     max_new = g.max_new_tokens or max(1, exp.data.seq_length // 4)
     generated, tokens, seconds = [], 0, 0.0
     with inside(plan.run_dir, mindformers_env(plan.run_dir)):
-        ckpt = mindformers_weights(exp.phase.load_checkpoint) if exp.phase.load_checkpoint else ""
+        ckpt = exp.phase.load_checkpoint          # a MindFormers checkpoint by now (weights step)
         generator = Generator(plan.mindformers, ckpt)
         for prompt in exp.phase.predict_data:
             if exp.phase.chat:
-                from qwen15_exp.chat import cut_at_stop, make_context
                 ids = make_context(tok, prompt, [], exp.phase.system_prompt, exp.data.seq_length - max_new - 1)
             else:
                 ids = tok.encode(prompt, add_special_tokens=False).ids

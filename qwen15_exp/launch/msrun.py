@@ -15,15 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from qwen15_exp.io import write_text
+from qwen15_exp.atomic import write_text
 from qwen15_exp.launch.worker import WORKER_STUB
 
 
 def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) -> list[str]:
-    per_node = min(plan.devices, plan.devices_per_node)
-    return ["msrun", f"--worker_num={plan.devices}", f"--local_worker_num={per_node}",
+    per_node = plan.layout.devices_here
+    return ["msrun", f"--worker_num={plan.layout.devices}", f"--local_worker_num={per_node}",
             f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
-            "--log_dir=msrun_log", f"--join={exp.launch.join or plan.nodes == 1}",
+            "--log_dir=msrun_log", f"--join={exp.launch.join or plan.layout.nodes == 1}",
             f"--cluster_time_out={exp.launch.cluster_time_out}",
             "worker.py", "--config", "mindformers.yaml"]
 
@@ -33,9 +33,9 @@ def node_script(plan, exp, node_rank: int) -> str:
     L = exp.launch
     lines = [
         "#!/usr/bin/env bash",
-        f"# {exp.experiment_name}: node {node_rank} of {plan.nodes} ({plan.devices} devices, "
-        f"{min(plan.devices, plan.devices_per_node)} on this node) - model {exp.model.name}, phase {exp.phase.name}, "
-        f"parallel {exp.parallel.name}, hardware {exp.hardware.name}.",
+        f"# {exp.experiment_name}: node {node_rank} of {plan.layout.nodes} ({plan.layout.devices} devices, "
+        f"{plan.layout.devices_here} on this node) - model {exp.model.name}, phase {exp.phase.name}, "
+        f"parallel {plan.layout.name}, hardware {exp.hardware.name}.",
         "# Run on that node from this folder (the same path on every node, or shared storage).",
         "# MASTER_ADDR / MASTER_PORT override the planned master; TRAIN_DATA the dataset folder; "
         "LOAD_CHECKPOINT the weights.",
@@ -60,7 +60,7 @@ def write_launch_files(plan, exp) -> list[Path]:
     run_dir = Path(plan.run_dir)
     write_text(run_dir / "worker.py", WORKER_STUB)
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
-               for r in range(plan.nodes)]
+               for r in range(plan.layout.nodes)]
     return scripts
 
 
@@ -73,15 +73,15 @@ def free_port() -> int:
 def gather_ranks(run_dir: Path, plan, process_t0: float) -> dict:
     from qwen15_exp.result import measured_figures
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
-    if len(ranks) != plan.devices:
-        raise RuntimeError(f"expected {plan.devices} rank results in {run_dir}, found {len(ranks)}; "
+    if len(ranks) != plan.layout.devices:
+        raise RuntimeError(f"expected {plan.layout.devices} rank results in {run_dir}, found {len(ranks)}; "
                            f"see {run_dir / 'msrun_log'}")
     steps = min(len(r["step_times_s"]) for r in ranks)
     slowest = [max(r["step_times_s"][i] for r in ranks) for i in range(steps)]   # a step ends on every rank
     mean_loss = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(steps)]
     firsts = [r["first_step_unix"] for r in ranks if r["first_step_unix"]]
-    figures = measured_figures(losses=mean_loss, step_times=slowest, tokens_per_step=plan.tokens_per_step,
-                               devices=plan.devices, first_step_s=(max(firsts) - process_t0) if firsts else None,
+    figures = measured_figures(losses=mean_loss, step_times=slowest, tokens_per_step=plan.layout.tokens_per_step,
+                               devices=plan.layout.devices, first_step_s=(max(firsts) - process_t0) if firsts else None,
                                train_call_s=0.0, peak_rss_mb=0.0)
     figures["ranks"] = [{"rank": r["rank"], "loss": r["losses"], "step_times_s": r["step_times_s"]} for r in ranks]
     return figures
@@ -92,25 +92,25 @@ def run_msrun(plan, exp, yaml_path: Path, process_t0: float) -> dict:
     write_launch_files(plan, exp)
     run_dir = Path(plan.run_dir)
     node = exp.launch.node_rank or 0
-    if plan.nodes > 1 and exp.launch.node_rank is None:
+    if plan.layout.nodes > 1 and exp.launch.node_rank is None:
         from qwen15_exp.errors import UserError
-        raise UserError(f"this plan spans {plan.nodes} nodes: run the same command on every node with "
-                        f"launch.node_rank=<0..{plan.nodes - 1}> launch.master_addr=<node 0 address>, "
+        raise UserError(f"this plan spans {plan.layout.nodes} nodes: run the same command on every node with "
+                        f"launch.node_rank=<0..{plan.layout.nodes - 1}> launch.master_addr=<node 0 address>, "
                         f"or start launch_node<R>.sh from {run_dir} on each node")
     from qwen15_exp.launch.local import mindformers_env
     bin_dir = str(Path(sys.executable).parent)
     import os
     env = {**os.environ, **mindformers_env(run_dir), **plan.env,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),   # msrun starts workers as plain `python`
-           "MASTER_PORT": str(free_port() if plan.nodes == 1 else exp.launch.master_port),
-           "MASTER_ADDR": "127.0.0.1" if plan.nodes == 1 else exp.launch.master_addr}
+           "MASTER_PORT": str(free_port() if plan.layout.nodes == 1 else exp.launch.master_port),
+           "MASTER_ADDR": "127.0.0.1" if plan.layout.nodes == 1 else exp.launch.master_addr}
     t_call = time.perf_counter()
     proc = subprocess.run(["bash", str(run_dir / f"launch_node{node}.sh")], cwd=run_dir, env=env)
     if proc.returncode != 0:
         logs = sorted((run_dir / "msrun_log").glob("*.log"))
         tail = logs[-1].read_text(errors="replace")[-2000:] if logs else ""
         raise RuntimeError(f"msrun exited with {proc.returncode}; logs in {run_dir / 'msrun_log'}\n{tail}")
-    if plan.nodes > 1:          # the other nodes' ranks write into their own copies of the run dir
+    if plan.layout.nodes > 1:          # the other nodes' ranks write into their own copies of the run dir
         return {"node_rank": node, "ranks_here": sorted(p.name for p in run_dir.glob("rank_*.json"))}
     if exp.phase.run_mode == "predict":
         ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]

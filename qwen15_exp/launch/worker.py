@@ -40,32 +40,18 @@ def predict(config, run_dir: Path) -> dict:
     from mindformers.models import PreTrainedTokenizerFast
     from mindformers.trainer import Trainer
 
+    from qwen15_exp.data.chatml import eos_token
+    from qwen15_exp.launch.generate import use_cpu_argmax
+
     if config.context.device_target == "CPU":
         use_cpu_argmax()
     spec = json.loads((run_dir / "predict_data.json").read_text())
     tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=spec["eos_token"],
-                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+                                  pad_token=eos_token(False), additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     t0 = time.time()
     out = Trainer(config, tokenizer=tok).predict(input_data=spec["inputs"], max_length=spec["max_length"])
     texts = [o["text_generation_text"][0] if isinstance(o, dict) else str(o) for o in out]
     return {"rank": rank_id(), "generated": texts, "seconds": time.time() - t0}
-
-
-def use_cpu_argmax() -> None:
-    """MindFormers' text generator calls mint.argmax (ArgMaxExt, Ascend-only): give it ops.Argmax on CPU."""
-    import mindspore as ms
-    import mindformers.generation.text_generator as text_generator
-
-    class CpuMint:
-        _argmax = ms.ops.Argmax(axis=-1, output_type=ms.int32)
-
-        def __getattr__(self, name):
-            return getattr(ms.mint, name)
-
-        def argmax(self, x, dim=-1, keepdim=False):
-            return self._argmax(x)
-
-    text_generator.mint = CpuMint()
 
 
 def main(argv=None) -> None:
@@ -81,7 +67,7 @@ def main(argv=None) -> None:
     from mindformers.trainer import Trainer
     from mindformers.utils.file_utils import set_output_path
 
-    from qwen15_exp.io import write_json
+    from qwen15_exp.atomic import write_json
     from qwen15_exp.mindformers_ext import StepRecorder
 
     config = MindFormerConfig(str(yaml_path))

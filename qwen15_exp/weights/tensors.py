@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O and the Hugging Face Qwen2 <-> MindFormers Llama name map.
+"""Streaming safetensors I/O: one tensor in memory at a time.
 
 Tensors are read one at a time from the file (by offset) and written one at a time behind a header computed
 from shapes alone, so converting a checkpoint holds one tensor in memory, not the model. bf16 has no numpy
@@ -7,53 +7,15 @@ dtype: it travels as uint16 bit patterns and is widened/narrowed exactly (round 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2), "I32": (np.int32, 4),
              "I64": (np.int64, 8), "F64": (np.float64, 8)}
 NAMES = {"fp32": "F32", "float32": "F32", "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16"}
-
-# One row per weight: the Hugging Face Qwen2 name and the MindFormers Llama name. {i} is the layer index,
-# {wb} weight or bias. Tensors are copied as they are: no transpose, no RoPE permutation, no QKV fusion.
-NAME_PAIRS = [
-    ("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"),
-    ("model.layers.{i}.self_attn.q_proj.{wb}", "model.layers.{i}.attention.wq.{wb}"),
-    ("model.layers.{i}.self_attn.k_proj.{wb}", "model.layers.{i}.attention.wk.{wb}"),
-    ("model.layers.{i}.self_attn.v_proj.{wb}", "model.layers.{i}.attention.wv.{wb}"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.attention.wo.weight"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.feed_forward.w1.weight"),
-    ("model.layers.{i}.mlp.down_proj.weight", "model.layers.{i}.feed_forward.w2.weight"),
-    ("model.layers.{i}.mlp.up_proj.weight", "model.layers.{i}.feed_forward.w3.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.attention_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.ffn_norm.weight"),
-    ("model.norm.weight", "model.norm_out.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-]
-
-
-def _rule(src: str, dst: str) -> tuple[str, str]:
-    pattern = "^" + re.escape(src).replace(r"\{i\}", r"(\d+)").replace(r"\{wb\}", "(weight|bias)") + "$"
-    groups = iter([r"\1", r"\2"])
-    replacement = re.sub(r"\{i\}|\{wb\}", lambda _: next(groups), dst)
-    return pattern, replacement
-
-
-HF_TO_MF = [_rule(hf, mf) for hf, mf in NAME_PAIRS]
-MF_TO_HF = [_rule(mf, hf) for hf, mf in NAME_PAIRS]
-
-
-def rename(name: str, table) -> str | None:
-    for pattern, repl in table:
-        if re.match(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None                           # not a network weight (optimizer state, step counters, rotary cache)
-
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -127,7 +89,7 @@ def cast(array: np.ndarray, src: str, dst: str) -> np.ndarray:
 def write_streaming(path: Path, items: list[tuple[str, str, tuple]], produce, metadata: dict | None = None,
                     progress=None) -> Path:
     """Write a safetensors file: header from (name, dtype, shape), then produce(name) for each, in order."""
-    from qwen15_exp.io import atomic_path
+    from qwen15_exp.atomic import atomic_path
     header, offset = {}, 0
     for name, dtype, shape in items:
         size = int(np.prod(shape, dtype=np.int64)) * ST_DTYPES[dtype][1]
@@ -148,8 +110,3 @@ def write_streaming(path: Path, items: list[tuple[str, str, tuple]], produce, me
             if progress is not None:
                 progress.update(1)
     return path
-
-
-def iter_named(refs: Iterable[TensorRef]) -> Iterator[tuple[TensorRef, np.ndarray]]:
-    for ref in refs:
-        yield ref, load_array(ref)

@@ -1,0 +1,19 @@
+"""Where things live: one cache root and one output root, each defined here and nowhere else.
+
+The cache root follows the XDG convention ($XDG_CACHE_HOME/qwen15_exp, else ~/.cache/qwen15_exp) and holds
+prepared data, converted weights and the CPU calibration. The output root ($QWEN15_EXP_OUTPUTS, else
+~/qwen15_exp_outputs) holds every run; the configs reach it through the `paths` node (`${paths.output_root}`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen15_exp"
+
+
+def output_root() -> Path:
+    return Path(os.environ.get("QWEN15_EXP_OUTPUTS") or os.path.join(os.path.expanduser("~"), "qwen15_exp_outputs"))

@@ -1,0 +1,59 @@
+"""What a checkpoint path is, and the run path's single weights step.
+
+A run's `phase.load_checkpoint` may be a MindFormers `.ckpt`, a `.safetensors` file (ours or MindFormers'),
+a folder of rank_* checkpoints, or a Hugging Face folder. `resolve_checkpoint` turns a Hugging Face folder
+into a MindFormers safetensors file once (cached under the cache root, keyed by the folder and its files),
+for every launcher; the MindFormers config then reads the format from the path (`checkpoint_format`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from qwen15_exp.paths import cache_root
+
+
+def is_hf_folder(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def checkpoint_format(path: str) -> str:
+    """'safetensors' or 'ckpt', as MindFormers' load_ckpt_format wants it, from the file or folder."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return "safetensors"
+    if p.is_dir() and not any(p.rglob("*.ckpt")) and any(p.rglob("*.safetensors")):
+        return "safetensors"
+    return "ckpt"
+
+
+def weights_cache_dir() -> Path:
+    return cache_root() / "weights"
+
+
+def converted_path(hf_folder: Path) -> Path:
+    files = sorted(hf_folder.glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(hf_folder.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                                 for f in files]).encode()).hexdigest()[:16]
+    return weights_cache_dir() / f"{hf_folder.name}-{key}.safetensors"
+
+
+def mindformers_weights(path: str, show_progress: bool = True) -> str:
+    """A MindFormers checkpoint for `path`; a Hugging Face folder is converted once and cached."""
+    p = Path(path)
+    if not is_hf_folder(p):
+        return path
+    out = converted_path(p)
+    if not out.is_file():
+        from qwen15_exp.weights.convert import hf_to_mf
+        print(f"converting Hugging Face weights {p} -> {out} (once; cached)")
+        hf_to_mf(p, out, show_progress=show_progress)
+    return str(out)
+
+
+def resolve_checkpoint(exp, show_progress: bool = True) -> None:
+    """The weights step of a run: phase.load_checkpoint becomes a MindFormers checkpoint (in place)."""
+    if exp.phase.load_checkpoint:
+        exp.phase.load_checkpoint = mindformers_weights(exp.phase.load_checkpoint, show_progress)

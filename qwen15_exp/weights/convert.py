@@ -1,0 +1,202 @@
+"""Hugging Face Qwen1.5 <-> MindFormers weights, tensor by tensor.
+
+hf2mf reads model.safetensors or a sharded folder (with its index) and writes MindFormers' Llama names as
+safetensors (streamed: one tensor in memory at a time) or MindSpore .ckpt (MindSpore's writer needs every
+tensor at once). mf2hf reads a MindFormers .safetensors (streamed) or .ckpt (optimizer state dropped) and
+writes a loadable Hugging Face folder: model.safetensors (sharded past `shard_gb`) and config.json from the
+`model` group. Tied embeddings (0.5B): no lm_head on either side.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen15_exp.errors import UserError
+from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
+from qwen15_exp.weights.tensors import NAMES, TensorRef, cast, hf_tensors, load_array, read_header, write_streaming
+
+
+@dataclass
+class ConvertSummary:
+    tensors: int
+    bytes_written: int
+    largest_tensor_bytes: int
+    outputs: list
+
+
+def target_dtype(src: str, dtype: str) -> str:
+    if dtype in ("keep", "", None):
+        return src
+    if dtype not in NAMES:
+        raise UserError(f"dtype={dtype!r}: use bf16, fp16, fp32 or keep")
+    return NAMES[dtype]
+
+
+def _progress(total: int, show: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=" tensors", disable=not show, leave=False)
+
+
+def hf_to_mf(src: Path, out: Path, dtype: str = "keep", tied: bool | None = None, show_progress: bool = True
+             ) -> ConvertSummary:
+    refs = hf_tensors(src)
+    if not refs:
+        raise UserError(f"no .safetensors weights found at {src}; give a Hugging Face model folder or file")
+    config = (src / "config.json") if src.is_dir() else src.parent / "config.json"
+    if tied is None:
+        tied = json.loads(config.read_text()).get("tie_word_embeddings", False) if config.is_file() else False
+    plan: list[tuple[str, TensorRef]] = []
+    unknown = []
+    for ref in refs:
+        name = rename(ref.name, HF_TO_MF)
+        if name is None:
+            if not ref.name.endswith("rotary_emb.inv_freq"):
+                unknown.append(ref.name)
+            continue
+        if tied and name == "lm_head.weight":
+            continue                       # MindFormers' tied Llama has no lm_head parameter
+        plan.append((name, ref))
+    if unknown:
+        raise UserError(f"{len(unknown)} tensors of {src} are not Qwen2 weights (e.g. {unknown[:3]}); "
+                        "is this a Qwen1.5 / Qwen2ForCausalLM checkpoint?")
+    by_name = {name: ref for name, ref in plan}
+    items = [(name, target_dtype(ref.dtype, dtype), ref.shape) for name, ref in plan]
+    largest = max(ref.nbytes for _, ref in plan)
+    bar = _progress(len(items), show_progress, "hf -> mindformers")
+    if out.suffix == ".ckpt":
+        arrays = {}
+        for name, dt, _ in items:
+            arrays[name] = (cast(load_array(by_name[name]), by_name[name].dtype, dt), dt)
+            bar.update(1)
+        _save_ckpt(arrays, out)
+    else:
+        write_streaming(out, items, lambda n: cast(load_array(by_name[n]), by_name[n].dtype,
+                                                   target_dtype(by_name[n].dtype, dtype)),
+                        metadata={"format": "ms", "source": "qwen15_exp.convert hf2mf"}, progress=bar)
+    bar.close()
+    return ConvertSummary(len(items), out.stat().st_size, largest, [str(out)])
+
+
+def _save_ckpt(arrays: dict, out: Path) -> None:
+    import mindspore as ms
+    from qwen15_exp.atomic import atomic_path
+    from qwen15_exp.weights.tensors import bf16_to_f32
+    params = []
+    for name, (array, dt) in arrays.items():
+        if dt == "BF16":
+            params.append({"name": name, "data": ms.Tensor(bf16_to_f32(array), ms.float32).astype(ms.bfloat16)})
+        else:
+            params.append({"name": name, "data": ms.Tensor(array)})
+    with atomic_path(out, suffix=".ckpt") as tmp:
+        ms.save_checkpoint(params, str(tmp))
+
+
+def _mf_refs(src: Path) -> list[tuple[str, object]]:
+    """(name, ref-or-array) of a MindFormers checkpoint's network weights."""
+    if src.suffix == ".safetensors":
+        return [(r.name, r) for r in read_header(src)]
+    if src.suffix == ".ckpt":
+        import mindspore as ms
+        out = []
+        for name, p in ms.load_checkpoint(str(src)).items():
+            t = p.value() if hasattr(p, "value") else p
+            if t.dtype == ms.bfloat16:
+                from qwen15_exp.weights.tensors import f32_to_bf16
+                out.append((name, ("BF16", f32_to_bf16(t.astype(ms.float32).asnumpy()))))
+            else:
+                arr = t.asnumpy()
+                code = {"float32": "F32", "float16": "F16", "int32": "I32", "int64": "I64",
+                        "float64": "F64"}.get(str(arr.dtype))
+                if code:
+                    out.append((name, (code, arr)))
+        return out
+    raise UserError(f"{src}: give a MindFormers .safetensors or .ckpt file")
+
+
+def hf_config(model, dtype: str, tied: bool) -> dict:
+    """config.json of a Qwen2ForCausalLM (the Hugging Face class of every Qwen1.5 size)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.n_kv_heads or model.num_heads, "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embedding, "rope_theta": model.theta,
+        "rms_norm_eps": model.rms_norm_eps, "tie_word_embeddings": tied, "use_sliding_window": False,
+        "sliding_window": model.max_position_embedding, "max_window_layers": model.num_layers,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": 151643, "eos_token_id": 151643,
+        "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtype, "bfloat16"),
+    }
+
+
+def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: float = 5.0,
+             show_progress: bool = True) -> ConvertSummary:
+    from qwen15_exp.atomic import atomic_dir, write_json
+    entries = []
+    for name, ref in _mf_refs(src):
+        hf = rename(name, MF_TO_HF)
+        if hf is not None:                  # adam_m.*, adam_v.*, global_step, ... are not weights
+            entries.append((hf, ref))
+    if not entries:
+        raise UserError(f"{src} holds no MindFormers Llama weights (model.layers.N.attention.wq.weight, ...)")
+    tied = not any(hf == "lm_head.weight" for hf, _ in entries)
+
+    def src_dtype(ref):
+        return ref.dtype if isinstance(ref, TensorRef) else ref[0]
+
+    def shape_of(ref):
+        return ref.shape if isinstance(ref, TensorRef) else tuple(ref[1].shape)
+
+    def array_of(ref):
+        return load_array(ref) if isinstance(ref, TensorRef) else ref[1]
+
+    layers = 1 + max(int(n.split(".")[2]) for n, _ in entries if n.startswith("model.layers."))
+    emb = next(shape_of(r) for n, r in entries if n == "model.embed_tokens.weight")
+    if layers != model.num_layers or tuple(emb) != (model.vocab_size, model.hidden_size):
+        raise UserError(f"{src} has {layers} layers and embedding {tuple(emb)}, but model={model.name} has "
+                        f"{model.num_layers} layers and ({model.vocab_size}, {model.hidden_size}); "
+                        "choose the matching model=<size>")
+    items = [(hf, target_dtype(src_dtype(r), dtype), shape_of(r)) for hf, r in entries]
+    by_name = dict(entries)
+    shards, current, size = [], [], 0
+    limit = shard_gb * 1e9
+    for item in items:
+        nbytes = int(__import__("numpy").prod(item[2])) * {"F32": 4, "F16": 2, "BF16": 2}.get(item[1], 4)
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += nbytes
+    shards.append(current)
+    bar = _progress(len(items), show_progress, "mindformers -> hf")
+    largest = max(r.nbytes if isinstance(r, TensorRef) else r[1].nbytes for _, r in entries)
+    with atomic_dir(out_dir) as tmp:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for fname, shard in zip(names, shards):
+            write_streaming(tmp / fname, shard, lambda n: cast(array_of(by_name[n]), src_dtype(by_name[n]),
+                                                               target_dtype(src_dtype(by_name[n]), dtype)),
+                            metadata={"format": "pt"}, progress=bar)
+        if len(shards) > 1:
+            write_json(tmp / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum((tmp / f).stat().st_size for f in names)},
+                "weight_map": {n: f for f, shard in zip(names, shards) for n, _, _ in shard}})
+        write_json(tmp / "config.json", hf_config(model, items[0][1], tied))
+        written = sum(p.stat().st_size for p in tmp.iterdir())
+    bar.close()
+    return ConvertSummary(len(items), written, largest, [str(out_dir / n) for n in names])
+
+
+def convert(job) -> ConvertSummary:
+    from qwen15_exp.compose import absolute_path
+    src, out = Path(absolute_path(job.input)), Path(absolute_path(job.output))
+    if not src.exists():
+        raise UserError(f"input not found: {src}")
+    if job.direction == "hf2mf":
+        if out.suffix not in (".safetensors", ".ckpt"):
+            raise UserError(f"output={out}: end it with .safetensors (streamed) or .ckpt")
+        return hf_to_mf(src, out, job.dtype, show_progress=job.progress)
+    if job.direction == "mf2hf":
+        return mf_to_hf(src, out, job.model, job.dtype, job.shard_gb, show_progress=job.progress)
+    raise UserError(f"direction={job.direction!r}: use hf2mf or mf2hf")
