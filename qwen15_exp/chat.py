@@ -108,8 +108,7 @@ def run_chat(exp, run_dir: str) -> None:
     from qwen15_exp.launch.local import inside, mindformers_env
     from qwen15_exp.layout import layout_of
     from qwen15_exp.plan import make_plan
-    from qwen15_exp.run import InvalidExperiment
-    from qwen15_exp.validate import validate
+    from qwen15_exp.validate import InvalidExperiment, validate
     from qwen15_exp.weights.checkpoint import resolve_checkpoint
 
     layout = layout_of(exp)

@@ -17,14 +17,8 @@ from qwen15_exp.estimate.memory import estimate_memory
 from qwen15_exp.layout import layout_of
 from qwen15_exp.plan import Dataset, make_plan
 from qwen15_exp.result import summary_text, versions
-from qwen15_exp.validate import format_problems, validate
+from qwen15_exp.validate import InvalidExperiment, validate
 from qwen15_exp.weights.checkpoint import resolve_checkpoint
-
-
-class InvalidExperiment(UserError):
-    def __init__(self, problems):
-        self.problems = problems
-        super().__init__(format_problems(problems))
 
 
 def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:

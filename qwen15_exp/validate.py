@@ -224,3 +224,11 @@ def validate(exp, layout=None, memory=None) -> list[Problem]:
 def format_problems(problems: list[Problem]) -> str:
     head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found; nothing was run:"
     return "\n".join([head] + [f"  {i}. {p}" for i, p in enumerate(problems, 1)])
+
+
+class InvalidExperiment(UserError):
+    """The experiment has problems; nothing was run. The message lists them all."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__(format_problems(problems))

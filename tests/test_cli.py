@@ -46,14 +46,20 @@ def test_bad_input_exits_2_without_traceback(tmp_path, args, needle):
 
 
 def test_multirun_of_plans_gives_one_result_per_job(tmp_path):
-    r = run_cli(["-m", "model=0_5b,1_8b,4b", "hardware=atlas_800t_a2", "parallel=dp8"], tmp_path)
+    r = run_cli(["-m", "model=0_5b,1_8b,4b", "hardware=atlas_800t_a2", "parallel=dp4",
+                 "parallel.model_parallel=2"], tmp_path)
     assert r.returncode == 0, r.stderr
     results = sorted(tmp_path.glob("outputs/multirun/*/*/*/result.json"))
     assert [read_json(p)["model"] for p in results] == ["0_5b", "1_8b", "4b"]
     assert all(read_json(p)["status"] == "planned" for p in results)
+    assert all(read_json(p)["parallel"] == "dp4mp2" for p in results)      # named by its degrees, not the preset
+    assert "parallel dp4mp2" in r.stdout
     sweep = results[0].parent.parent
     report = (sweep / "sweep_report.md").read_text()
-    assert report.count("| planned |") == 3 and (sweep / "sweep_report.png").stat().st_size > 1000
+    assert report.count("| planned |") == 3 and report.count("| dp4mp2 |") == 3
+    assert report.startswith("# qwen15_exp sweep: model=0_5b,1_8b,4b hardware=atlas_800t_a2 parallel=dp4 "
+                             "parallel.model_parallel=2")
+    assert (sweep / "sweep_report.png").stat().st_size > 1000
     assert (sweep / "sweep_report.csv").read_text().splitlines()[0].startswith("job,experiment,model")
 
 
@@ -65,4 +71,6 @@ def test_published_table_sweep_reports_estimate_against_published(tmp_path):
     rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
     assert [int(float(row["published"])) for row in rows] == [21171, 11241, 4844, 671, 787, 183]
     assert all(row["est/pub"] and row["fits"] == "True" for row in rows)
-    assert "estimate vs published, training rows: n=6" in (sweep / "sweep_report.md").read_text()
+    report = (sweep / "sweep_report.md").read_text()
+    assert "estimate vs published, training rows: n=6" in report
+    assert report.startswith("# qwen15_exp sweep: table_900_a2_podc\n")           # titled by its experiment

@@ -150,3 +150,29 @@ def test_a_run_finetunes_from_hugging_face_weights(tmp_path):
     result = read_json(only_run_dir(tmp_path) / "result.json")
     # random-init loss is ~ln(151936) = 11.93; the converted weights give a different first loss
     assert result["status"] == "ok" and abs(result["measured"]["first_loss"] - 11.93) > 0.05
+    # the converted file lives under the cache root ($XDG_CACHE_HOME/qwen15_exp/weights), not in ~/.cache
+    assert list((tmp_path / "cache" / "qwen15_exp" / "weights").glob("hf-*.safetensors"))
+    assert not (tmp_path / ".cache").exists()
+
+
+@pytest.mark.slow
+def test_our_safetensors_trains_and_predicts_as_load_checkpoint(tmp_path):
+    """The converter's .safetensors is a checkpoint like any other: no extra key to train or predict from it."""
+    from conftest import read_json
+    make_hf_model(tmp_path / "hf", VARIANTS["tied"])
+    weights = tmp_path / "tiny.safetensors"
+    r = run_cli(["direction=hf2mf", f"input={tmp_path / 'hf'}", f"output={weights}", "progress=false"], tmp_path,
+                module="qwen15_exp.convert")
+    assert r.returncode == 0, r.stderr
+    r = run_cli([f"phase.load_checkpoint={weights}", "phase.max_steps=2", "hardware=cpu"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = next(p.parent for p in (tmp_path / "outputs").rglob("result.json"))
+    result = read_json(run_dir / "result.json")
+    assert result["status"] == "ok" and abs(result["measured"]["first_loss"] - 11.93) > 0.05   # not random init
+    assert "load_ckpt_format: safetensors" in (run_dir / "mindformers.yaml").read_text()
+    r = run_cli([f"phase.load_checkpoint={weights}", "phase=predict", "hardware=cpu", "phase.predict_data=[Hello]",
+                 "phase.generation.max_new_tokens=4"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = read_json(next(p for p in (tmp_path / "outputs").rglob("result.json") if p.parent != run_dir))
+    assert result["status"] == "ok" and result["measured"]["weights"] == str(weights)
+    assert result["generated"][0]["new_tokens"] == 4

@@ -224,6 +224,7 @@ def test_predict_recipe(name):
     assert (cfg["parallel_config"]["model_parallel"], cfg["parallel_config"]["data_parallel"],
             cfg["parallel_config"]["pipeline_stage"]) == (mp, 1, 1)
     assert cfg["parallel_config"]["vocab_emb_dp"] == vocab_dp and cfg["use_parallel"] == use_parallel
+    assert cfg["parallel_config"]["use_seq_parallel"] is False        # no predict YAML sets it
     assert cfg["parallel"]["enable_parallel_optimizer"] is False and "strategy_ckpt_config" in cfg["parallel"]
     assert mc["seq_length"] == seq and mc["max_position_embedding"] == seq
     check_dtypes(mc, dtypes)

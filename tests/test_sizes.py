@@ -1,6 +1,7 @@
 """Each official size's MindFormers network, built from our config without allocating weights, has the
 exact Qwen1.5 parameter count and names/shapes (subprocess: MindSpore import stays out of pytest)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -45,8 +46,9 @@ def built(tmp_path_factory):
             out[size] = {{"count": parameter_count(net), "shapes": dict(parameter_table(net))}}
         print("JSON" + json.dumps(out))
     """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", script], input=json.dumps(configs), capture_output=True, text=True,
-                       cwd=tmp, timeout=600)
+                       cwd=tmp, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.split("JSON", 1)[1])
 
