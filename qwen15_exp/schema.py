@@ -18,66 +18,22 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class DType(StrEnum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
+def choices(name: str, *values: str) -> type[StrEnum]:
+    """A StrEnum whose member names are its values (OmegaConf matches a YAML word by member name)."""
+    return StrEnum(name, [(v, v) for v in values], module=__name__)
 
 
-class RunMode(StrEnum):
-    train = "train"
-    finetune = "finetune"
-    predict = "predict"
-
-
-class DataFormat(StrEnum):
-    alpaca = "alpaca"
-    chatml = "chatml"
-    wiki = "wiki"
-    mindrecord = "mindrecord"
-    none = "none"
-
-
-class LaunchMode(StrEnum):
-    auto = "auto"
-    local = "local"
-    msrun = "msrun"
-    plan = "plan"
-
-
-class DeviceTarget(StrEnum):
-    CPU = "CPU"
-    Ascend = "Ascend"
-    auto = "auto"            # only the hardware=auto profile, replaced before anything reads it
-
-
-class LossScaleKind(StrEnum):
-    dynamic = "dynamic"
-    static = "static"
-    none = "none"
-
-
-class CheckpointFormat(StrEnum):
-    ckpt = "ckpt"
-    safetensors = "safetensors"
-
-
-class ChatMode(StrEnum):
-    interactive = "interactive"
-    demo = "demo"
-    batch = "batch"
-
-
-class Direction(StrEnum):
-    hf2mf = "hf2mf"
-    mf2hf = "mf2hf"
-
-
-class ConvertDType(StrEnum):
-    keep = "keep"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
+DType = choices("DType", "float32", "float16", "bfloat16")
+RunMode = choices("RunMode", "train", "finetune", "predict")
+DataFormat = choices("DataFormat", "alpaca", "chatml", "wiki", "mindrecord", "none")
+LaunchMode = choices("LaunchMode", "auto", "local", "msrun", "plan")
+# "auto" only in the hardware=auto profile, replaced before anything reads it
+DeviceTarget = choices("DeviceTarget", "CPU", "Ascend", "auto")
+LossScaleKind = choices("LossScaleKind", "dynamic", "static", "none")
+CheckpointFormat = choices("CheckpointFormat", "ckpt", "safetensors")
+ChatMode = choices("ChatMode", "interactive", "demo", "batch")
+Direction = choices("Direction", "hf2mf", "mf2hf")
+ConvertDType = choices("ConvertDType", "keep", "bf16", "fp16", "fp32")
 
 
 @dataclass
