@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import shlex
 import statistics
 from importlib import metadata
 
@@ -78,6 +79,6 @@ def summary_text(result: dict) -> str:
     if result["status"] == "planned":
         lines.append("  NOTHING WAS EXECUTED. On the cluster, from a copy of the run dir on every node:")
         for i, script in enumerate(result.get("launch_scripts", [])):
-            lines.append(f"    node {i}: MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash {script}")
+            lines.append(f"    node {i}: MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash {shlex.quote(script)}")
     lines.append(f"  files: {result['run_dir']}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Each problem names the group, the key, the values involved and a fix. Pure: impo
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,9 +207,30 @@ def check_tokenizer(exp, L) -> list[Problem]:
     return []
 
 
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MEMORY_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*(GB|G|MB|TB)?\s*", re.IGNORECASE)
+
+
+def check_formats(exp) -> list[Problem]:
+    """Strings that go into launch scripts or are parsed: environment names, memory sizes, addresses."""
+    out = []
+    for key in exp.hardware.env:
+        if not ENV_KEY.fullmatch(str(key)):
+            out.append(Problem("hardware", "hardware.env", f"{key!r} is not an environment variable name",
+                               "use letters, digits and underscores, not starting with a digit (e.g. HCCL_BUFFSIZE)"))
+    if exp.hardware.max_device_memory and not MEMORY_SIZE.fullmatch(exp.hardware.max_device_memory):
+        out.append(Problem("hardware", "hardware.max_device_memory",
+                           f"{exp.hardware.max_device_memory!r} is not a memory size",
+                           "write it as MindSpore does, e.g. 58GB"))
+    if not (0 < exp.launch.master_port < 65536):
+        out.append(Problem("launch", "launch.master_port", f"{exp.launch.master_port} is not a TCP port",
+                           "use a port between 1024 and 65535, e.g. 8118"))
+    return out
+
+
 def validate(exp, layout=None, memory=None) -> list[Problem]:
     """Every problem of the experiment. A run hands in its layout and memory estimate (computed once)."""
-    problems = check_ranges(exp)
+    problems = check_ranges(exp) + check_formats(exp)
     if problems:                      # the remaining checks assume sane values
         return problems
     L = layout or layout_of(exp)

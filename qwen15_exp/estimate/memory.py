@@ -85,10 +85,15 @@ def parse_gb(text: str) -> float:
     if not text:
         return 0.0
     t = str(text).strip().upper().replace(" ", "")
-    for unit, scale in (("GB", 1.0), ("G", 1.0), ("MB", 1 / 1024), ("TB", 1024.0)):
-        if t.endswith(unit):
-            return float(t[: -len(unit)]) * scale
-    return float(t)
+    try:
+        for unit, scale in (("GB", 1.0), ("G", 1.0), ("MB", 1 / 1024), ("TB", 1024.0)):
+            if t.endswith(unit):
+                return float(t[: -len(unit)]) * scale
+        return float(t)
+    except ValueError:
+        from qwen15_exp.errors import UserError
+        raise UserError(f"hardware.max_device_memory={text!r} is not a memory size; write it as MindSpore "
+                        "does, e.g. 58GB") from None
 
 
 def params_per_device(exp, layout=None) -> int:

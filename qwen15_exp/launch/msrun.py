@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qwen15_exp.atomic import write_text
 from qwen15_exp.launch.worker import WORKER_STUB
+from qwen15_exp.validate import ENV_KEY
 
 
 def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) -> list[str]:
@@ -29,20 +30,25 @@ def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) ->
 
 
 def node_script(plan, exp, node_rank: int) -> str:
-    q = shlex.quote
-    L = exp.launch
+    """The launch script of one node. Only numbers we computed stand in comments; every other value is a
+    shell-quoted assignment, so no name, path or environment value can end a line or run a command."""
+    q, L = shlex.quote, exp.launch
     lines = [
         "#!/usr/bin/env bash",
-        f"# {exp.experiment_name}: node {node_rank} of {plan.layout.nodes} ({plan.layout.devices} devices, "
-        f"{plan.layout.devices_here} on this node) - model {exp.model.name}, phase {exp.phase.name}, "
-        f"parallel {plan.layout.name}, hardware {exp.hardware.name}.",
+        f"# node {int(node_rank)} of {int(plan.layout.nodes)}: {int(plan.layout.devices)} devices, "
+        f"{int(plan.layout.devices_here)} on this node. What runs is named in the QWEN15_EXP_* variables below.",
         "# Run on that node from this folder (the same path on every node, or shared storage).",
         "# MASTER_ADDR / MASTER_PORT override the planned master; TRAIN_DATA the dataset folder; "
         "LOAD_CHECKPOINT the weights.",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
     ]
-    for k, v in sorted(plan.env.items()):
+    names = {"QWEN15_EXP_EXPERIMENT": exp.experiment_name, "QWEN15_EXP_MODEL": exp.model.name,
+             "QWEN15_EXP_PHASE": exp.phase.name, "QWEN15_EXP_LAYOUT": plan.layout.name,
+             "QWEN15_EXP_HARDWARE": exp.hardware.name}
+    for k, v in {**names, **dict(sorted(plan.env.items()))}.items():
+        if not ENV_KEY.fullmatch(k):          # validate() rejects these first; never write one unquoted
+            raise ValueError(f"not an environment variable name: {k!r}")
         lines.append(f"export {k}={q(str(v))}")
     lines += [f"PLANNED_MASTER_ADDR={q(L.master_addr)}", f"PLANNED_MASTER_PORT={q(str(L.master_port))}",
               'MASTER_ADDR="${MASTER_ADDR:-$PLANNED_MASTER_ADDR}"',
