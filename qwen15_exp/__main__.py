@@ -4,6 +4,7 @@ Examples:
     python -m qwen15_exp                                   # tiny model, finetune, on this CPU
     python -m qwen15_exp model=72b phase=finetune parallel=mp8pp4
     python -m qwen15_exp -m model=0_5b,1_8b,4b hardware=atlas_800t_a2
+    python -m qwen15_exp resume=<run dir>                  # continue a run from its last checkpoint
 """
 from __future__ import annotations
 
@@ -15,46 +16,61 @@ import sys  # noqa: E402
 
 from qwen15_exp.cli import report_user_error, run_app, user_error_message  # noqa: E402
 
-_failed_jobs: list[str] = []
+_jobs: dict = {"started": 0, "failed": []}
 
 
 def task(cfg) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from qwen15_exp.atomic import write_json
+    from qwen15_exp.lifecycle import RunInterrupted
     from qwen15_exp.run import run
 
     run_dir = HydraConfig.get().runtime.output_dir
+    t_ref = PROCESS_T0 if _jobs["started"] == 0 else None      # later jobs of a sweep count from their start
+    _jobs["started"] += 1
     if HydraConfig.get().mode.name != "MULTIRUN":
-        return run(cfg, run_dir, PROCESS_T0)
-    # in a sweep one bad or failed job must not hide the others: record it, finish, exit non-zero at the end
+        return run(cfg, run_dir, t_ref)
+    from qwen15_exp.sweep import finished_result
+    done = finished_result(run_dir, cfg)
+    if done is not None:                      # a sweep run again into its own dir: keep what ended ok
+        print(f"job {HydraConfig.get().job.num}: already {done['status']} in {run_dir}; kept")
+        return done
+    # in a sweep one bad or failed job must not hide the others: run() recorded it, finish, exit non-zero
     try:
-        return run(cfg, run_dir, PROCESS_T0)
+        return run(cfg, run_dir, t_ref)
+    except RunInterrupted:
+        raise                                 # a signal to the sweep stops the sweep (cli.py exits)
     except Exception as e:
         message = user_error_message(e)
         if message is None:
             import traceback
             traceback.print_exc()
-            _failed_jobs.append(run_dir)
         else:
             report_user_error(message)
-        write_json(f"{run_dir}/result.json", {"status": "invalid" if message else "failed",
-                                              "error": message or f"{type(e).__name__}: {e}", "run_dir": run_dir})
+        _jobs["failed"].append(run_dir)
         return None
 
 
 def main() -> None:
     from qwen15_exp.compose import group_options, register
+    from qwen15_exp.errors import UserError
     from qwen15_exp.layout_names import explain
+    from qwen15_exp.resume import resume_argv
 
     register()
+    try:
+        sys.argv[1:] = resume_argv(sys.argv[1:])
+    except UserError as e:
+        report_user_error(str(e))
+        sys.exit(e.exit_code)
     message = explain(sys.argv[1:], group_options("parallel"))
     if message:
         report_user_error(message)
         sys.exit(2)
     run_app("config", task)
-    if _failed_jobs:
-        report_user_error(f"{len(_failed_jobs)} job(s) failed: {', '.join(_failed_jobs)}")
+    if _jobs["failed"]:
+        report_user_error(f"{len(_jobs['failed'])} job(s) did not end ok (see sweep_report.md): "
+                          f"{', '.join(_jobs['failed'])}")
         sys.exit(1)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from omegaconf.errors import MissingMandatoryValue
 
 from qwen15_exp.errors import UserError
+from qwen15_exp.lifecycle import RunInterrupted
 
 
 def report_user_error(message: str) -> None:
@@ -46,6 +47,9 @@ def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
         except (UserError, MissingMandatoryValue) as e:
             report_user_error(user_error_message(e))
             sys.exit(exit_code_of(e))
+        except RunInterrupted as e:           # a signal: result.json says interrupted; stop (a sweep too)
+            report_user_error(str(e))
+            sys.exit(e.exit_code)
 
     try:
         app()

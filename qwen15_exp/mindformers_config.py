@@ -106,10 +106,10 @@ def dataset_section(exp, dataset_dir: str, columns: list[str], adapted: Adapted)
     }
 
 
-def callbacks(exp, stop_step: int | None) -> list:
+def callbacks(exp, stop_step: int | None, save_steps: int) -> list:
     ck = exp.phase.checkpoint
     cbs = [{"type": "MFLossMonitor", "per_print_times": 1},
-           {"type": "CheckpointMonitor", "prefix": ck.prefix, "save_checkpoint_steps": ck.save_steps,
+           {"type": "CheckpointMonitor", "prefix": ck.prefix, "save_checkpoint_steps": save_steps,
             "keep_checkpoint_max": ck.keep_max, "integrated_save": False, "async_save": False,
             "checkpoint_format": str(ck.format)}]
     if stop_step:
@@ -161,8 +161,13 @@ def parallel_sections(exp, L: Layout, adapted: Adapted, run_dir: Path) -> dict:
 
 def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, columns: list[str] | None = None,
           stop_step: int | None = None, total_steps: int | None = None, layout: Layout | None = None,
-          adapted: Adapted | None = None) -> dict:
-    """The MindFormers run config of the experiment, as the target hardware will run it."""
+          adapted: Adapted | None = None, save_steps: int | None = None, resume=None) -> dict:
+    """The MindFormers run config of the experiment, as the target hardware will run it.
+
+    `resume` (a weights.run_checkpoints.Checkpoint of this run) continues training through MindFormers'
+    own resume: the run's checkpoint folder and the file to resume from; weights, optimizer state, step,
+    learning rate and data position come back from it. MindFormers counts the steps of the new process
+    from 1, so the stop step is the number of steps still to do."""
     ph = exp.phase
     L, adapted = layout or layout_of(exp), adapted or adapt(exp)
     predict = ph.run_mode == "predict"
@@ -182,7 +187,10 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         "context": context_section(exp),
         "model": {"model_config": model_config(exp, adapted), "arch": {"type": "LlamaForCausalLM"}},
     }
-    if ph.load_checkpoint and checkpoint_format(ph.load_checkpoint) == "safetensors":
+    if resume is not None:
+        cfg.update(load_checkpoint=str(Path(resume.files[0]).parent.parent), resume_training=resume.name,
+                   auto_trans_ckpt=False)
+    if cfg["load_checkpoint"] and checkpoint_format(cfg["load_checkpoint"]) == "safetensors":
         cfg["load_ckpt_format"] = "safetensors"
     if ph.gradient_accumulation_steps != 1:
         cfg["runner_config"]["gradient_accumulation_steps"] = ph.gradient_accumulation_steps
@@ -202,7 +210,8 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
             "recompute_config": {k: getattr(ph.recompute, k) for k in (
                 "recompute", "select_recompute", "parallel_optimizer_comm_recompute", "mp_comm_recompute",
                 "recompute_slice_activation")},
-            "callbacks": callbacks(exp, stop_step),
+            "callbacks": callbacks(exp, stop_step - resume.step if (stop_step and resume) else stop_step,
+                                   save_steps or 1000),
         })
         default_columns = ["input_ids"] if exp.data.format == "wiki" else ["input_ids", "labels"]
         section = dataset_section(exp, dataset_dir, columns or default_columns, adapted)

@@ -1,22 +1,33 @@
-"""The two small pieces qwen15_exp adds to MindFormers. Importing this module registers them.
+"""The small pieces qwen15_exp adds to MindFormers. Importing this module registers them.
 
 - CPUTrainOneStepCell: MFTrainOneStepCell whose overflow check works on CPU. MindSpore's
   TrainOneStepWithLossScaleCell.get_overflow_status knows GPU and Ascend 910B only; every other device falls
   into the 910A branch and emits NPUGetFloatStatusV2, which has no CPU kernel. The infnan-mode helper uses
   IsFinite instead. A written mindformers.yaml for hardware=cpu names this wrapper, so whoever runs that
   YAML with MindFormers alone imports this module first (run_mindformer.py: --register_path).
-- StepRecorder: a MindSpore callback that records loss and wall time of every step for result.json
-  (MFLossMonitor prints them but does not keep them).
+- StepRecorder: a MindSpore callback that records loss and wall time of every step (MFLossMonitor prints them
+  but does not keep them) and appends each step to a JSON-lines log as it happens, so a killed run keeps
+  its curve. Steps are numbered as in an uninterrupted run: after MindFormers' resume, cur_step_num starts
+  again at 1, and the plan exports the steps already done (QWEN15_EXP_INITIAL_STEP).
+- StopControl: a graceful stop. A stop request (SIGINT/SIGTERM, see lifecycle.py) ends training at a step
+  boundary through run_context.request_stop(), after which MindFormers' CheckpointMonitor saves a final
+  checkpoint. Data-parallel ranks agree on the step through a file in the run dir, so none is left waiting
+  in a collective.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from mindspore.nn.wrap.loss_scale import _ascend_grad_overflow
 from mindspore.train.callback import Callback
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper.wrapper import MFTrainOneStepCell
+
+from qwen15_exp.lifecycle import INITIAL_STEP_ENV, STOP_FILE
 
 
 @MindFormerRegister.register(MindFormerModuleType.WRAPPER)
@@ -32,27 +43,81 @@ def _loss_of(outputs) -> float:
     return float(np.asarray(first.asnumpy() if hasattr(first, "asnumpy") else first).reshape(-1)[0])
 
 
-class StepRecorder(Callback):
-    """Loss and end time of every training step (time.perf_counter, seconds)."""
+def absolute_step(cb_params) -> int:
+    """The training step as an uninterrupted run numbers it. MindFormers' resume restarts cur_step_num at 1
+    (its own loss monitor is told the initial step when built); the plan of a resumed run exports it."""
+    return int(cb_params.cur_step_num) + int(os.environ.get(INITIAL_STEP_ENV, "0") or 0)
 
-    def __init__(self):
+
+class StepRecorder(Callback):
+    """Loss and end time of every training step; each step also appended to `log_path` (JSON lines)."""
+
+    def __init__(self, log_path: str | Path | None = None):
         super().__init__()
         self.t_begin = None
         self.step_end_times: list[float] = []
         self.step_end_unix: list[float] = []
         self.losses: list[float] = []
+        self.steps: list[int] = []
+        self.log_path = Path(log_path) if log_path else None
 
     def on_train_begin(self, run_context):
         self.t_begin = time.perf_counter()
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        self.step_end_times.append(time.perf_counter())
+        now = time.perf_counter()
+        step_s = now - (self.step_end_times[-1] if self.step_end_times else self.t_begin)
+        self.step_end_times.append(now)
         self.step_end_unix.append(time.time())
         self.losses.append(_loss_of(cb.net_outputs))
+        self.steps.append(absolute_step(cb))
+        if self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.steps[-1], "loss": self.losses[-1], "step_s": round(step_s, 6),
+                                    "unix": round(self.step_end_unix[-1], 3)}) + "\n")
 
     def step_times(self) -> list[float]:
         if not self.step_end_times:
             return []
         starts = [self.t_begin] + self.step_end_times[:-1]
         return [round(e - s, 6) for s, e in zip(starts, self.step_end_times)]
+
+
+class StopControl(Callback):
+    """Ends training at a step boundary once a stop is requested, at the same step on every rank.
+
+    `requested()` says whether this process was asked to stop (a signal handler's flag). The first rank that
+    sees a request writes STOP in the run dir with the step to stop at (its step + 1 when other ranks may be a
+    step behind it); every rank stops when it reaches that step. The launcher may write STOP itself."""
+
+    def __init__(self, run_dir: str | Path, requested, ranks: int = 1):
+        super().__init__()
+        self.stop_file = Path(run_dir) / STOP_FILE
+        self.requested, self.ranks = requested, ranks
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, run_context):
+        if hasattr(self.requested, "training"):     # from now on a first signal waits for a step boundary
+            self.requested.training = True
+
+    def _stop_step(self, step: int) -> int | None:
+        if self.requested() and not self.stop_file.exists():
+            target = step + (1 if self.ranks > 1 else 0)
+            try:
+                fd = os.open(self.stop_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(str(target))
+            except FileExistsError:
+                pass
+        try:
+            return int(self.stop_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def on_train_step_end(self, run_context):
+        step = absolute_step(run_context.original_args())
+        target = self._stop_step(step)
+        if target is not None and step >= target:
+            self.stopped_at = step
+            run_context.request_stop()

@@ -35,6 +35,7 @@ class Plan:
     mindformers: dict
     adaptations: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    save_steps: int | None = None
 
     @property
     def launcher(self) -> str:
@@ -52,7 +53,7 @@ class Plan:
             "global_batch": L.global_batch, "tokens_per_step": L.tokens_per_step, "steps": self.steps,
             "params_total": self.params_total, "memory": self.memory.as_dict(),
             "throughput": self.throughput.as_dict() if self.throughput else None,
-            "adaptations": list(self.adaptations), "env": dict(self.env),
+            "adaptations": list(self.adaptations), "env": dict(self.env), "save_steps": self.save_steps,
         }
 
 
@@ -72,26 +73,45 @@ def training_steps(exp, layout: Layout, rows: int) -> tuple[int, int | None, int
     return exp.phase.epochs, None, per_epoch * exp.phase.epochs
 
 
-def run_env(exp) -> dict:
+def checkpoint_interval(exp, step_s: float | None, total_steps: int | None) -> int:
+    """phase.checkpoint.save_steps, or every `every_minutes` of estimated step time, and never only at the end
+    (at least one checkpoint half way through)."""
+    ck = exp.phase.checkpoint
+    if ck.save_steps:
+        return ck.save_steps
+    every = max(1, round(ck.every_minutes * 60 / step_s)) if step_s else 1000
+    if total_steps:
+        every = min(every, max(1, total_steps // 2))
+    return every
+
+
+def run_env(exp, resume=None) -> dict:
     env = dict(exp.hardware.env)
+    if resume is not None:
+        from qwen15_exp.lifecycle import INITIAL_STEP_ENV
+        env[INITIAL_STEP_ENV] = str(resume.step)
     if exp.phase.run_mode == "finetune" and exp.hardware.device_target == "Ascend":
         env.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")   # the seed README asks for it
     return env
 
 
 def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout | None = None,
-              memory: MemoryEstimate | None = None) -> Plan:
+              memory: MemoryEstimate | None = None, resume=None) -> Plan:
     L = layout or layout_of(exp)
     adapted = adapt(exp)
+    throughput = estimate_throughput(exp, L)
     steps = stop = total = epochs = None
     if exp.phase.run_mode != "predict" and dataset is not None and dataset.rows:
         epochs, stop, total = training_steps(exp, L, dataset.rows)
         steps = total
+    if exp.phase.run_mode != "predict" and stop is None and exp.phase.max_steps:
+        stop = total = steps = exp.phase.max_steps        # a plan without the dataset keeps its stop step
+    save_steps = checkpoint_interval(exp, throughput.step_s if throughput else None, total)
     # a plan is copied to the cluster: its paths are relative to its own folder
     cfg = mindformers_config.build(
         exp, run_dir if L.executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
         columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total, layout=L,
-        adapted=adapted)
+        adapted=adapted, save_steps=save_steps, resume=resume)
     return Plan(run_dir=run_dir, layout=L, steps=steps, params_total=total_params(exp.model),
-                memory=memory or estimate_memory(exp, L), throughput=estimate_throughput(exp, L), mindformers=cfg,
-                adaptations=list(adapted.notes), env=run_env(exp))
+                memory=memory or estimate_memory(exp, L), throughput=throughput, mindformers=cfg,
+                adaptations=list(adapted.notes), env=run_env(exp, resume), save_steps=save_steps)

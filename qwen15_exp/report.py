@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -16,9 +15,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from qwen15_exp.atomic import atomic_path, write_text
+from qwen15_exp.lifecycle import first_line, run_status
 
 COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
-           "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits"]
+           "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits",
+           "failure_class", "reason"]
 
 
 def _ratio(a, b):
@@ -32,6 +33,7 @@ def row_of(job: str, result: dict) -> dict:
     ref = result.get("reference") or {}
     train = est.get("kind", "train") == "train"
     unit = ref.get("unit") or ("tokens/s/p" if train else "tokens/s")
+    measured = measured if isinstance(measured, dict) else {}
     per_device = unit.endswith("/p")
     estimated = est.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
     got = measured.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
@@ -45,14 +47,21 @@ def row_of(job: str, result: dict) -> dict:
         "est/meas": _ratio(estimated, got),
         "memory_gb": round(mem["total_gb"], 2) if mem else None,
         "budget_gb": mem.get("budget_gb"), "fits": mem.get("fits"),
+        "failure_class": result.get("failure_class") or ("killed" if result.get("status") == "killed" else None),
+        "reason": result.get("reason") or (first_line(result.get("error", "")) or None),
     }
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job of the sweep that got as far as Hydra's job folder, in job order."""
+    dirs = {p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/config.yaml")}
+    dirs |= {p.parent for p in Path(sweep_dir).glob("*/result.json")}
+    return sorted(dirs, key=lambda d: (len(d.name), d.name))
+
+
 def collect(sweep_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(Path(sweep_dir).glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        rows.append(row_of(path.parent.name, json.loads(path.read_text())))
-    return rows
+    """One row per job; a job with no result (killed) or a dead `running` one says killed."""
+    return [row_of(d.name, run_status(d)) for d in job_dirs(sweep_dir)]
 
 
 def accuracy(rows: list[dict], key: str) -> dict | None:
@@ -65,8 +74,13 @@ def accuracy(rows: list[dict], key: str) -> dict | None:
 def markdown(rows: list[dict], title: str) -> str:
     out = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        out.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+        out.append("| " + " | ".join("" if r[c] is None else str(r[c]).replace("|", "/") for c in COLUMNS) + " |")
     out.append("")
+    bad = [r for r in rows if r["status"] not in ("ok", "planned")]
+    if bad:
+        out.append(f"- {len(bad)} of {len(rows)} jobs did not end ok: " + "; ".join(
+            f"job {r['job']} {r['status']}" + (f" ({r['failure_class']})" if r["failure_class"] else "") for r in bad)
+            + ". Run the same sweep again with hydra.sweep.dir=<this dir> to redo only those.")
     for key, what in (("est/pub", "estimate vs published"), ("est/meas", "estimate vs measured"),
                       ("meas/pub", "measured vs published")):
         for kind, subset in (("training", [r for r in rows if r["unit"].endswith("/p")]),

@@ -40,6 +40,24 @@ def measured_figures(losses, step_times, tokens_per_step, devices, first_step_s,
     }
 
 
+def measured_from_logs(run_dir, ranks: int, tokens_per_step: int, first_step_s, train_call_s, peak_rss_mb) -> dict:
+    """The whole loss curve from the ranks' step logs (every segment of a resumed run, numbered as one
+    uninterrupted run): per step the mean loss over ranks and the slowest rank's time (a step ends on all)."""
+    from pathlib import Path
+
+    from qwen15_exp.lifecycle import read_steps
+    logs = [read_steps(Path(run_dir) / f"steps_rank{r}.jsonl") for r in range(ranks)]
+    by_step = [{rec["step"]: rec for rec in log} for log in logs]
+    steps = sorted(set(by_step[0]).intersection(*by_step[1:])) if by_step else []
+    losses = [sum(r[s]["loss"] for r in by_step) / len(by_step) for s in steps]
+    times = [max(r[s]["step_s"] for r in by_step) for s in steps]
+    figures = measured_figures(losses, times, tokens_per_step, ranks, first_step_s, train_call_s, peak_rss_mb)
+    figures["step_numbers"] = steps
+    if ranks > 1:
+        figures["ranks"] = [{"rank": i, "loss": [r[s]["loss"] for s in steps]} for i, r in enumerate(by_step)]
+    return figures
+
+
 def summary_text(result: dict) -> str:
     """One screen: what ran, on what, and what came out."""
     p, m = result["plan"], result.get("measured") or {}

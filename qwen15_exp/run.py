@@ -4,6 +4,8 @@ The layout (with the launcher decision) and the memory estimate are computed onc
 """
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +17,7 @@ from qwen15_exp.atomic import write_json, write_text
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import estimate_memory
 from qwen15_exp.layout import layout_of
+from qwen15_exp.lifecycle import RunInterrupted, StopRequest, classify_failure, first_line, stop_on_signals
 from qwen15_exp.plan import Dataset, make_plan
 from qwen15_exp.result import summary_text, versions
 from qwen15_exp.validate import InvalidExperiment, validate
@@ -59,44 +62,118 @@ def dump_yaml(obj) -> str:
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
 
 
-def run(cfg, run_dir: Path, process_t0: float, show_progress: bool = True) -> dict:
-    t0 = time.time()
-    exp = compose.to_experiment(cfg)
-    layout = layout_of(exp)
-    memory = estimate_memory(exp, layout)
-    problems = validate(exp, layout, memory)
-    if problems:
-        raise InvalidExperiment(problems)
-    run_dir = Path(run_dir)
-    dataset = prepare_dataset(exp, show_progress) if layout.executes else None
-    resolve_checkpoint(exp, show_progress)       # a Hugging Face folder: converted once, cached, every launcher
-    plan = make_plan(exp, run_dir, dataset, layout, memory)
-    yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
-    write_json(run_dir / "plan.json", plan.summary())
-    if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
-        write_predict_files(plan, exp)
-    result = {
-        "status": "planned", "experiment": exp.experiment_name, "model": exp.model.name,
-        "phase": exp.phase.name, "parallel": layout.name, "hardware": exp.hardware.name,
-        "run_dir": str(run_dir), "plan": plan.summary(), "data": asdict(dataset) if dataset else None,
-        "reference": dict(exp.reference), "versions": versions(), "measured": None,
-    }
+def launch(plan, exp, yaml_path: Path, request) -> dict:
+    """The launch step: in this process (Trainer or generate) or through msrun."""
     if plan.launcher == "local" and exp.phase.run_mode == "predict":
         from qwen15_exp.launch.local import run_predict
-        result["measured"], result["generated"] = run_predict(plan, exp)
-        result["status"] = "ok"
-    elif plan.launcher == "local":
+        measured, generated = run_predict(plan, exp)
+        return {"measured": measured, "generated": generated}
+    if plan.launcher == "local":
         from qwen15_exp.launch.local import run_local
-        result["measured"] = run_local(plan, yaml_path, process_t0)
-        result["status"] = "ok"
-    elif plan.launcher == "msrun":
-        from qwen15_exp.launch.msrun import run_msrun
-        result["measured"] = run_msrun(plan, exp, yaml_path, process_t0)
-        result["status"] = "ok"
-    else:
-        from qwen15_exp.launch.msrun import write_launch_files
-        result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
+        return run_local(plan, yaml_path, request)
+    from qwen15_exp.launch.msrun import run_msrun
+    return run_msrun(plan, exp, yaml_path, request)
+
+
+def training_figures(plan, launched: dict, t_ref: float) -> dict:
+    from qwen15_exp.result import measured_from_logs
+    first = launched.get("first_step_unix")
+    return measured_from_logs(plan.run_dir, plan.layout.devices, plan.layout.tokens_per_step,
+                              first - t_ref if first else None, launched.get("train_call_s", 0.0),
+                              launched.get("peak_rss_mb", 0.0))
+
+
+def checkpoint_info(run_dir: Path, ranks: int) -> dict | None:
+    from qwen15_exp.weights.run_checkpoints import latest_complete
+    point = latest_complete(run_dir, ranks)
+    return {"step": point.step, "file": point.files[0]} if point else None
+
+
+def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool = True) -> dict:
+    """One run, start to end. Whatever stops it, result.json says how it ended (ok, planned, interrupted,
+    failed, invalid); the exception, if any, goes on to the caller after that."""
+    t0 = time.time()
+    t_ref = process_t0 or t0              # "first step at" counts from the process start for its first job
+    run_dir = Path(run_dir)
+    from qwen15_exp.sweep import config_sha
+    result: dict = {"status": "starting", "run_dir": str(run_dir), "config_sha": config_sha(cfg)}
+    plan = exp = None
+    try:
+        exp = compose.to_experiment(cfg)
+        result.update(experiment=exp.experiment_name, model=exp.model.name, phase=exp.phase.name,
+                      hardware=exp.hardware.name)
+        layout = layout_of(exp)
+        result["parallel"] = layout.name
+        memory = estimate_memory(exp, layout)
+        problems = validate(exp, layout, memory)
+        if problems:
+            raise InvalidExperiment(problems)
+        resume = None
+        if exp.resume:
+            from qwen15_exp.resume import resume_point
+            resume = resume_point(exp, run_dir, layout)
+        dataset = prepare_dataset(exp, show_progress) if layout.executes else None
+        resolve_checkpoint(exp, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
+        plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume)
+        yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
+        write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
+        if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
+            write_predict_files(plan, exp)
+        result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),
+                      versions=versions(), measured=None, resumed_from_step=resume.step if resume else None)
+        if not plan.executes:
+            from qwen15_exp.launch.msrun import write_launch_files
+            result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
+            result["status"] = "planned"
+        else:
+            execute(plan, exp, yaml_path, result, t_ref)
+    except RunInterrupted as e:
+        end(result, "interrupted", plan, f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}",
+            t0)
+        raise
+    except UserError as e:
+        end(result, "invalid", plan, str(e), t0)
+        raise
+    except Exception as e:
+        end(result, "failed", plan, f"{type(e).__name__}: {e}", t0)
+        raise
     result["wall_time_s"] = round(time.time() - t0, 3)
     write_json(run_dir / "result.json", result)
     print(summary_text(result), flush=True)
     return result
+
+
+def execute(plan, exp, yaml_path: Path, result: dict, t_ref: float) -> None:
+    """Launch with result.json saying `running` meanwhile; SIGINT/SIGTERM stop at a step, checkpointed."""
+    run_dir, train = Path(plan.run_dir), exp.phase.run_mode != "predict"
+    write_json(run_dir / "result.json", {**result, "status": "running", "pid": os.getpid()})
+    request, launched = StopRequest(), {}
+    try:
+        with stop_on_signals(request):
+            launched = launch(plan, exp, yaml_path, request)
+    finally:                                # whatever happened, keep the curve and name the checkpoint
+        if train:
+            result["measured"] = training_figures(plan, launched, t_ref)
+            result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
+    if not train:
+        result.update(launched if "measured" in launched else {"measured": launched})
+    if request():
+        step = (result.get("checkpoint") or {}).get("step")
+        raise RunInterrupted(f"stopped by {request.name}" + (f" at step {step} (checkpoint saved)" if step else ""),
+                             request.signal)
+    result["status"] = "ok"
+    if train:
+        from qwen15_exp.weights.run_checkpoints import checkpoint_root, prune
+        prune(checkpoint_root(run_dir), exp.phase.checkpoint.keep_after_success)
+        result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
+
+
+def end(result: dict, status: str, plan, error: str, t0: float) -> None:
+    """Write result.json for a run that did not end ok: its status, the first line of the error, its class."""
+    from qwen15_exp.launch.msrun import worker_log_tail
+    log = worker_log_tail(Path(result["run_dir"])) if plan is not None else ""
+    result.update(status=status, error=error, reason=first_line(error),
+                  failure_class=classify_failure(error, log) if status == "failed" else None,
+                  wall_time_s=round(time.time() - t0, 3))
+    result.pop("pid", None)
+    write_json(Path(result["run_dir"]) / "result.json", result)

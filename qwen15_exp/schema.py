@@ -133,9 +133,12 @@ class Recompute:
 
 @dataclass
 class Checkpointing:
+    """Complete-or-absent checkpoints, at least two kept while training (a kill during a save leaves one)."""
     prefix: str = "qwen2"
-    save_steps: int = 5000
-    keep_max: int = 1
+    save_steps: Optional[int] = None      # None: every `every_minutes` of estimated step time (plan.py)
+    every_minutes: float = 10.0
+    keep_max: int = 2
+    keep_after_success: int = 1           # checkpoints kept once the run ends ok (0: none; bounds disk use)
     format: CheckpointFormat = CheckpointFormat.ckpt
 
 
@@ -248,6 +251,7 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 8118
     cluster_time_out: int = 7200
+    stop_grace_s: float = 120.0           # after SIGINT/SIGTERM: time the workers get to checkpoint and exit
     join: bool = False
     node_rank: Optional[int] = None       # set on a cluster node to run that node's share
 
@@ -272,6 +276,7 @@ class Experiment:
     paths: Paths = field(default_factory=Paths)
     chat: ChatOptions = field(default_factory=ChatOptions)
     experiment_name: str = "default"
+    resume: str = ""                      # a run dir to continue from its last complete checkpoint
     reference: Dict[str, Any] = field(default_factory=dict)   # published figure for this run, if any
     mindformers: Dict[str, Any] = field(default_factory=dict)  # raw MindFormers keys, merged last
 

@@ -42,6 +42,17 @@ def check_ranges(exp) -> list[Problem]:
     if exp.phase.max_steps is not None and exp.phase.max_steps < 1:
         out.append(Problem("phase", "phase.max_steps", f"is {exp.phase.max_steps}, must be at least 1",
                            "set phase.max_steps to a positive number of steps, or null to run every epoch"))
+    ck = exp.phase.checkpoint
+    if ck.keep_max < 2:
+        out.append(Problem("phase", "phase.checkpoint.keep_max",
+                           f"is {ck.keep_max}: a kill during a save can then leave no usable checkpoint",
+                           "keep at least 2 (the default); phase.checkpoint.keep_after_success bounds what "
+                           "stays on disk after the run"))
+    if ck.keep_after_success < 0 or ck.every_minutes <= 0 or (ck.save_steps is not None and ck.save_steps < 1):
+        out.append(Problem("phase", "phase.checkpoint",
+                           f"save_steps={ck.save_steps}, every_minutes={ck.every_minutes}, keep_after_success="
+                           f"{ck.keep_after_success}: steps and minutes must be positive, kept files not negative",
+                           "e.g. phase.checkpoint.save_steps=500 or phase.checkpoint.every_minutes=10"))
     off = exp.parallel.offset
     if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
         out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",

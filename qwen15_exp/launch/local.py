@@ -56,20 +56,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_local(plan, yaml_path: Path, process_t0: float) -> dict:
-    """Train in this process; return the measured figures."""
-    from qwen15_exp.result import measured_figures
+def steps_log(run_dir: Path, rank: int = 0) -> Path:
+    return Path(run_dir) / f"steps_rank{rank}.jsonl"
 
+
+def run_local(plan, yaml_path: Path, request) -> dict:
+    """Train in this process (a graceful stop on `request`); return what only this process knows."""
     with inside(plan.run_dir, {**mindformers_env(plan.run_dir), **plan.env}):
-        from qwen15_exp.mindformers_ext import StepRecorder
-        recorder = StepRecorder()
+        from qwen15_exp.mindformers_ext import StepRecorder, StopControl
+        recorder = StepRecorder(steps_log(plan.run_dir))
         t_call = time.perf_counter()
-        run_mindformers(yaml_path, callbacks=[recorder])
+        run_mindformers(yaml_path, callbacks=[recorder, StopControl(plan.run_dir, request)])
         t_end = time.perf_counter()
-    return measured_figures(
-        losses=recorder.losses, step_times=recorder.step_times(), tokens_per_step=plan.layout.tokens_per_step,
-        devices=plan.layout.devices, first_step_s=(recorder.step_end_unix[0] - process_t0) if recorder.step_end_unix
-        else None, train_call_s=t_end - t_call, peak_rss_mb=peak_rss_mb())
+    return {"first_step_unix": recorder.step_end_unix[0] if recorder.step_end_unix else None,
+            "train_call_s": t_end - t_call, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_predict(plan, exp) -> tuple[dict, list[dict]]:

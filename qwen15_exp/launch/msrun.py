@@ -8,7 +8,9 @@ machine's CPU the single-node script is executed for real (data parallel workers
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from qwen15_exp.atomic import write_text
 from qwen15_exp.launch.worker import WORKER_STUB
+from qwen15_exp.lifecycle import set_parent_death_signal
 from qwen15_exp.validate import ENV_KEY
 
 
@@ -76,25 +79,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gather_ranks(run_dir: Path, plan, process_t0: float) -> dict:
-    from qwen15_exp.result import measured_figures
-    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
-    if len(ranks) != plan.layout.devices:
-        raise RuntimeError(f"expected {plan.layout.devices} rank results in {run_dir}, found {len(ranks)}; "
-                           f"see {run_dir / 'msrun_log'}")
-    steps = min(len(r["step_times_s"]) for r in ranks)
-    slowest = [max(r["step_times_s"][i] for r in ranks) for i in range(steps)]   # a step ends on every rank
-    mean_loss = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(steps)]
-    firsts = [r["first_step_unix"] for r in ranks if r["first_step_unix"]]
-    figures = measured_figures(losses=mean_loss, step_times=slowest, tokens_per_step=plan.layout.tokens_per_step,
-                               devices=plan.layout.devices, first_step_s=(max(firsts) - process_t0) if firsts else None,
-                               train_call_s=0.0, peak_rss_mb=0.0)
-    figures["ranks"] = [{"rank": r["rank"], "loss": r["losses"], "step_times_s": r["step_times_s"]} for r in ranks]
-    return figures
+class LaunchFailed(RuntimeError):
+    """msrun or a worker failed; the message ends with the tail of the worker log that says why."""
 
 
-def run_msrun(plan, exp, yaml_path: Path, process_t0: float) -> dict:
-    """Run the single-node plan here (CPU workers, or NPUs when present)."""
+def descendants(pid: int) -> list:
+    import psutil
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_tree(proc: subprocess.Popen, known: list) -> None:
+    """Stop msrun and everything it started: msrun's own SIGINT handler first (it kills its workers, their
+    log tails and the scheduler), then SIGKILL for whatever is left (workers run in sessions of their own)."""
+    import psutil
+    everyone = {p.pid: p for p in known + descendants(proc.pid)}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    for p in everyone.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(everyone.values()), timeout=10)
+    proc.wait(timeout=10)
+
+
+def worker_log_tail(run_dir: Path, chars: int = 2000) -> str:
+    logs = sorted((run_dir / "msrun_log").glob("*.log"), key=lambda p: p.stat().st_mtime)
+    return logs[-1].read_text(errors="replace")[-chars:] if logs else ""
+
+
+def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path) -> int:
+    """Wait for msrun. On a stop request, the workers get SIGTERM (they agree on a step, checkpoint and exit);
+    after `grace_s`, or on a second request, everything is stopped at once. Returns msrun's exit code."""
+    from qwen15_exp.lifecycle import RunInterrupted
+    forwarded_at, seen = None, []
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            seen = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
+            if request() and forwarded_at is None:
+                forwarded_at = time.monotonic()
+                for p in seen:
+                    if "worker.py" in " ".join(p.cmdline() if p.is_running() else []):
+                        p.terminate()
+            if forwarded_at is not None and time.monotonic() - forwarded_at > grace_s:
+                raise RunInterrupted(f"workers did not stop within launch.stop_grace_s={grace_s:g}s", request.signal)
+    except BaseException:
+        stop_tree(proc, seen)
+        raise
+    finally:
+        if proc.poll() is None:
+            stop_tree(proc, seen)
+
+
+def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
+    """Run this node's share of the plan here (CPU workers, or NPUs when present)."""
     write_launch_files(plan, exp)
     run_dir = Path(plan.run_dir)
     node = exp.launch.node_rank or 0
@@ -105,22 +157,26 @@ def run_msrun(plan, exp, yaml_path: Path, process_t0: float) -> dict:
                         f"or start launch_node<R>.sh from {run_dir} on each node")
     from qwen15_exp.launch.local import mindformers_env
     bin_dir = str(Path(sys.executable).parent)
-    import os
     env = {**os.environ, **mindformers_env(run_dir), **plan.env,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),   # msrun starts workers as plain `python`
            "MASTER_PORT": str(free_port() if plan.layout.nodes == 1 else exp.launch.master_port),
-           "MASTER_ADDR": "127.0.0.1" if plan.layout.nodes == 1 else exp.launch.master_addr}
+           "MASTER_ADDR": "127.0.0.1" if plan.layout.nodes == 1 else exp.launch.master_addr,
+           "QWEN15_EXP_PARENT_DEATH": "1"}       # workers die with msrun (worker.py)
     t_call = time.perf_counter()
-    proc = subprocess.run(["bash", str(run_dir / f"launch_node{node}.sh")], cwd=run_dir, env=env)
-    if proc.returncode != 0:
-        logs = sorted((run_dir / "msrun_log").glob("*.log"))
-        tail = logs[-1].read_text(errors="replace")[-2000:] if logs else ""
-        raise RuntimeError(f"msrun exited with {proc.returncode}; logs in {run_dir / 'msrun_log'}\n{tail}")
+    # msrun in a session of its own (a terminal's Ctrl-C reaches only us; we decide), told to stop (SIGINT,
+    # which its handler turns into killing every worker) if this process dies, even by SIGKILL
+    proc = subprocess.Popen(["bash", str(run_dir / f"launch_node{node}.sh")], cwd=run_dir, env=env,
+                            start_new_session=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGINT))
+    request.training = True
+    code = supervise(proc, request, exp.launch.stop_grace_s, run_dir)
+    if code != 0 and not request():
+        raise LaunchFailed(f"msrun exited with {code}; logs in {run_dir / 'msrun_log'}\n{worker_log_tail(run_dir)}")
+    train_call_s = time.perf_counter() - t_call
     if plan.layout.nodes > 1:          # the other nodes' ranks write into their own copies of the run dir
         return {"node_rank": node, "ranks_here": sorted(p.name for p in run_dir.glob("rank_*.json"))}
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
     if exp.phase.run_mode == "predict":
-        ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
         return {"ranks": ranks, "generated_texts": ranks[0]["generated"] if ranks else []}
-    figures = gather_ranks(run_dir, plan, process_t0)
-    figures["train_call_s"] = round(time.perf_counter() - t_call, 3)
-    return figures
+    firsts = [r["first_step_unix"] for r in ranks if r.get("first_step_unix")]
+    return {"first_step_unix": max(firsts) if firsts else None, "train_call_s": train_call_s,
+            "peak_rss_mb": max((r.get("peak_rss_mb", 0.0) for r in ranks), default=0.0)}

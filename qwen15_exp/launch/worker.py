@@ -54,8 +54,22 @@ def predict(config, run_dir: Path) -> dict:
     return {"rank": rank_id(), "generated": texts, "seconds": time.time() - t0}
 
 
+def die_with_parent() -> None:
+    """Started by our launcher: die when msrun dies (even by SIGKILL), never train on as an orphan."""
+    if os.environ.get("QWEN15_EXP_PARENT_DEATH") != "1":
+        return                                   # a cluster's msrun with --join=False exits by design
+    import signal
+
+    from qwen15_exp.lifecycle import set_parent_death_signal
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    if parent == 1:                              # msrun already gone before the signal was armed
+        os._exit(1)
+
+
 def main(argv=None) -> None:
     t0 = time.time()
+    die_with_parent()
     args = parse_args(argv)
     yaml_path = Path(args.config).resolve()
     run_dir = yaml_path.parent
@@ -83,11 +97,21 @@ def main(argv=None) -> None:
     if config.run_mode == "predict":
         write_json(run_dir / f"rank_{rank_id()}.json", predict(config, run_dir))
         return
-    recorder = StepRecorder()
-    Trainer(config, callbacks=[recorder]).train()
-    write_json(run_dir / f"rank_{rank_id()}.json", {
-        "rank": rank_id(), "losses": recorder.losses, "step_times_s": recorder.step_times(),
-        "first_step_unix": recorder.step_end_unix[0] if recorder.step_end_unix else None, "start_unix": t0})
+    import resource
+
+    from qwen15_exp.lifecycle import StopRequest, stop_on_signals
+    from qwen15_exp.mindformers_ext import StopControl
+    rank = rank_id()
+    recorder = StepRecorder(run_dir / f"steps_rank{rank}.jsonl")
+    request = StopRequest()
+    ranks = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1)
+    with stop_on_signals(request):          # SIGTERM from the launcher: stop at an agreed step, checkpointed
+        Trainer(config, callbacks=[recorder, StopControl(run_dir, request, ranks)]).train()
+    write_json(run_dir / f"rank_{rank}.json", {
+        "rank": rank, "steps": recorder.steps, "losses": recorder.losses, "step_times_s": recorder.step_times(),
+        "first_step_unix": recorder.step_end_unix[0] if recorder.step_end_unix else None, "start_unix": t0,
+        "stopped_by": request.name or None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
 
 
 if __name__ == "__main__":
