@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -24,7 +24,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())    # mkstemp makes 0600; results are ordinary files
+    os.chmod(tmp_path, 0o666 & ~umask())    # mkstemp makes 0600; results are ordinary files
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -39,14 +39,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())         # mkdtemp makes 0700; prepared data is meant to be shared
     try:
         yield tmp
+        share(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def share(folder: Path) -> None:
+    """Files some writers (MindSpore's MindRecord, checkpoint) make owner-only get the user's umask."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~umask())
 
 
 def write_text(path: str | Path, text: str, mode: int | None = None) -> Path:

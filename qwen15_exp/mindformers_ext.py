@@ -9,6 +9,8 @@
   but does not keep them) and appends each step to a JSON-lines log as it happens, so a killed run keeps
   its curve. Steps are numbered as in an uninterrupted run: after MindFormers' resume, cur_step_num starts
   again at 1, and the plan exports the steps already done (QWEN15_EXP_INITIAL_STEP).
+- skip_checkpoint_preload: data-parallel runs on CPU load a .ckpt (resume) only without MindFormers' MindIO
+  preload step, which is an Ascend-cluster feature and ends in a barrier() that has no CPU kernel.
 - StopControl: a graceful stop. A stop request (SIGINT/SIGTERM, see lifecycle.py) ends training at a step
   boundary through run_context.request_stop(), after which MindFormers' CheckpointMonitor saves a final
   checkpoint. Data-parallel ranks agree on the step through a file in the run dir, so none is left waiting
@@ -36,6 +38,12 @@ class CPUTrainOneStepCell(MFTrainOneStepCell):
 
     def get_overflow_status(self, status, compute_output):
         return self._get_distributed_overflow_status_on_infnan_mode(_ascend_grad_overflow, compute_output)
+
+
+def skip_checkpoint_preload() -> None:
+    """Replace MindFormers' MindIO checkpoint preload (nothing to preload without MindIO) on CPU."""
+    import mindformers.trainer.base_trainer as base_trainer
+    base_trainer.preload_ckpt = lambda config: None
 
 
 def _loss_of(outputs) -> float:

@@ -41,7 +41,20 @@ def resume_argv(argv: list[str]) -> list[str]:
     new_keys = {_key(a) for a in new if "=" in a}
     old = [o for o in (yaml.safe_load(saved.read_text()) or []) if _key(o) not in new_keys and _key(o) != "resume"]
     quoted_dir = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
-    return old + new + [f"resume='{quoted_dir}'", f"hydra.run.dir='{quoted_dir}'"]
+    # Hydra would rewrite the run's .hydra/ before we can check the overrides: it stays off, and
+    # record_overrides() writes the accepted ones once resume_point() has found them compatible
+    return old + new + [f"resume='{quoted_dir}'", f"hydra.run.dir='{quoted_dir}'", "hydra.output_subdir=null"]
+
+
+def record_overrides(run_dir: Path) -> None:
+    """The overrides the run now continues with, for the next resume."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from qwen15_exp.atomic import write_text
+    if not HydraConfig.initialized():
+        return
+    overrides = [o for o in HydraConfig.get().overrides.task if _key(o) != "resume"]
+    write_text(run_dir / ".hydra" / "overrides.yaml", yaml.safe_dump(list(overrides), allow_unicode=True))
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -80,6 +93,8 @@ def resume_point(exp, run_dir: Path, layout) -> Checkpoint | None:
     run_dir = Path(run_dir)
     check_same_run(exp, run_dir, layout)
     status = run_status(run_dir)
+    if status.get("status") != "ok":
+        record_overrides(run_dir)
     if status.get("status") == "ok":
         raise UserError(f"resume={run_dir}: that run finished (status ok); there is nothing to continue")
     removed = clean_partial(checkpoint_root(run_dir))

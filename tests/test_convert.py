@@ -132,7 +132,7 @@ def test_dtype_choice_and_bad_input(tmp_path):
     assert {ref.dtype for ref in read_header(tmp_path / "mf.safetensors")} == {"BF16"}
     r = run_cli(["direction=mf2hf", f"input={tmp_path / 'mf.safetensors'}", f"output={tmp_path / 'x'}", "model=7b"],
                 tmp_path, module="qwen15_exp.convert")
-    assert r.returncode == 2 and "choose the matching model" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "does not fit model=7b" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(["direction=hf2mf", f"input={tmp_path / 'nope'}", f"output={tmp_path / 'y.safetensors'}"], tmp_path,
                 module="qwen15_exp.convert")
     assert r.returncode == 2 and "input not found" in r.stderr

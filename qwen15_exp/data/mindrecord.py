@@ -47,11 +47,20 @@ def inspect_mindrecord(path: Path) -> tuple[Path, list[str], int, int]:
     files = [path] if path.is_file() else sorted(p for p in path.glob("*.mindrecord*") if not p.name.endswith(".db"))
     if not files:
         raise UserError(f"no MindRecord file at {path}; set data.input to a .mindrecord file or its folder")
+    missing = [f for f in files if not f.with_name(f.name + ".db").is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} has no index file beside it ({missing[0].name}.db): a MindRecord is the data "
+                        "file and its .db together; copy both, or prepare the data again (python -m qwen15_exp.prepare)")
     import mindspore.dataset as ds
-    dataset = ds.MindDataset(dataset_files=[str(f) for f in files], shuffle=False)
-    columns = dataset.get_col_names()
+    try:
+        dataset = ds.MindDataset(dataset_files=[str(f) for f in files], shuffle=False)
+        columns = dataset.get_col_names()
+        first = next(dataset.create_dict_iterator(output_numpy=True, num_epochs=1)) if "input_ids" in columns else None
+        rows = dataset.get_dataset_size()
+    except (RuntimeError, ValueError, StopIteration) as e:
+        raise UserError(f"{files[0]} cannot be read as MindRecord ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); "
+                        "it may be truncated: copy it again with its .db, or prepare the data again") from None
     if "input_ids" not in columns:
         raise UserError(f"{files[0]} has columns {columns}; MindFormers needs input_ids (and labels for finetune)")
     keep = [c for c in ("input_ids", "labels") if c in columns]
-    first = next(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
-    return files[0].parent, keep, dataset.get_dataset_size(), int(first["input_ids"].shape[-1])
+    return files[0].parent, keep, rows, int(first["input_ids"].shape[-1])

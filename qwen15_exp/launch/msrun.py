@@ -91,6 +91,16 @@ def descendants(pid: int) -> list:
         return []
 
 
+def is_worker(process) -> bool:
+    """A training process msrun started: not msrun, its scheduler (the same script) or its log tails (which
+    inherit MS_ROLE)."""
+    import psutil
+    try:
+        return process.environ().get("MS_ROLE") == "MS_WORKER" and "worker.py" in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def stop_tree(proc: subprocess.Popen, known: list) -> None:
     """Stop msrun and everything it started: msrun's own SIGINT handler first (it kills its workers, their
     log tails and the scheduler), then SIGKILL for whatever is left (workers run in sessions of their own)."""
@@ -133,7 +143,7 @@ def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path) ->
             if request() and forwarded_at is None:
                 forwarded_at = time.monotonic()
                 for p in seen:
-                    if "worker.py" in " ".join(p.cmdline() if p.is_running() else []):
+                    if is_worker(p):
                         p.terminate()
             if forwarded_at is not None and time.monotonic() - forwarded_at > grace_s:
                 raise RunInterrupted(f"workers did not stop within launch.stop_grace_s={grace_s:g}s", request.signal)

@@ -100,7 +100,9 @@ def main(argv=None) -> None:
     import resource
 
     from qwen15_exp.lifecycle import StopRequest, stop_on_signals
-    from qwen15_exp.mindformers_ext import StopControl
+    from qwen15_exp.mindformers_ext import StopControl, skip_checkpoint_preload
+    if config.context.device_target == "CPU":
+        skip_checkpoint_preload()
     rank = rank_id()
     recorder = StepRecorder(run_dir / f"steps_rank{rank}.jsonl")
     request = StopRequest()

@@ -54,6 +54,10 @@ def mindformers_weights(path: str, show_progress: bool = True) -> str:
 
 
 def resolve_checkpoint(exp, show_progress: bool = True) -> None:
-    """The weights step of a run: phase.load_checkpoint becomes a MindFormers checkpoint (in place)."""
-    if exp.phase.load_checkpoint:
-        exp.phase.load_checkpoint = mindformers_weights(exp.phase.load_checkpoint, show_progress)
+    """The weights step of a run: phase.load_checkpoint is checked against the model (every tensor's shape)
+    and becomes a MindFormers checkpoint (in place)."""
+    path = exp.phase.load_checkpoint
+    if path and Path(path).exists():           # a plan's weights may live only on the cluster
+        from qwen15_exp.weights.check import check_fits
+        check_fits(path, exp.model)
+        exp.phase.load_checkpoint = mindformers_weights(path, show_progress)

@@ -9,6 +9,7 @@ writes a loadable Hugging Face folder: model.safetensors (sharded past `shard_gb
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,14 @@ def _progress(total: int, show: bool, desc: str):
 
 def hf_to_mf(src: Path, out: Path, dtype: str = "keep", tied: bool | None = None, show_progress: bool = True
              ) -> ConvertSummary:
-    refs = hf_tensors(src)
+    from qwen15_exp.weights.check import tensor_shapes
+    if src.suffix == ".safetensors":
+        tensor_shapes(src)                 # a damaged file: a clear error rather than struct's
+    try:
+        refs = hf_tensors(src)
+    except Exception as e:
+        raise UserError(f"{src} cannot be read as Hugging Face weights ({type(e).__name__}: {str(e)[:200]}); it may "
+                        "be truncated or incomplete: download or copy it again") from None
     if not refs:
         raise UserError(f"no .safetensors weights found at {src}; give a Hugging Face model folder or file")
     config = (src / "config.json") if src.is_dir() else src.parent / "config.json"
@@ -80,7 +88,7 @@ def hf_to_mf(src: Path, out: Path, dtype: str = "keep", tied: bool | None = None
 
 def _save_ckpt(arrays: dict, out: Path) -> None:
     import mindspore as ms
-    from qwen15_exp.atomic import atomic_path
+    from qwen15_exp.atomic import umask, atomic_path
     from qwen15_exp.weights.tensors import bf16_to_f32
     params = []
     for name, (array, dt) in arrays.items():
@@ -90,6 +98,7 @@ def _save_ckpt(arrays: dict, out: Path) -> None:
             params.append({"name": name, "data": ms.Tensor(array)})
     with atomic_path(out, suffix=".ckpt") as tmp:
         ms.save_checkpoint(params, str(tmp))
+        os.chmod(tmp, 0o644 & ~umask())     # MindSpore saves 0400; converted weights are meant to be shared
 
 
 def _mf_refs(src: Path) -> list[tuple[str, object]]:
@@ -133,6 +142,8 @@ def hf_config(model, dtype: str, tied: bool) -> dict:
 def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: float = 5.0,
              show_progress: bool = True) -> ConvertSummary:
     from qwen15_exp.atomic import atomic_dir, write_json
+    from qwen15_exp.weights.check import check_fits
+    check_fits(str(src), model)            # config.json is written from the model: every tensor must agree
     entries = []
     for name, ref in _mf_refs(src):
         hf = rename(name, MF_TO_HF)

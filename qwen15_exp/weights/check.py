@@ -1,0 +1,95 @@
+"""Do these weights fit this model? Checked tensor by tensor before anything is built.
+
+Every network tensor's shape follows from the model config (MindFormers' Llama names). A checkpoint given to
+a run, chat or the converter is read for its names and shapes only (a safetensors header; a .ckpt is parsed
+by MindSpore), and a file that is unreadable or holds another model is a UserError that names the file, the
+first differences and the model size the file looks like.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen15_exp.errors import UserError
+
+
+def expected_shapes(model) -> dict[str, tuple]:
+    """MindFormers name -> shape of every network weight of `model`."""
+    h, f, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    kv = (model.n_kv_heads or model.num_heads) * (h // model.num_heads)
+    shapes = {"model.tok_embeddings.embedding_weight": (v, h), "model.norm_out.weight": (h,)}
+    for i in range(model.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "attention.wq.weight": (h, h), p + "attention.wk.weight": (kv, h),
+                       p + "attention.wv.weight": (kv, h), p + "attention.wo.weight": (h, h),
+                       p + "feed_forward.w1.weight": (f, h), p + "feed_forward.w2.weight": (h, f),
+                       p + "feed_forward.w3.weight": (f, h), p + "attention_norm.weight": (h,),
+                       p + "ffn_norm.weight": (h,)})
+        if model.qkv_has_bias:
+            shapes.update({p + "attention.wq.bias": (h,), p + "attention.wk.bias": (kv,),
+                           p + "attention.wv.bias": (kv,)})
+    if not model.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _unreadable(path: Path, why: str) -> UserError:
+    return UserError(f"{path} cannot be read as weights ({why}); it may be truncated or not a checkpoint: copy it "
+                     "again, or point phase.load_checkpoint at another file")
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple]:
+    """MindFormers name -> shape of the network tensors in a checkpoint file or Hugging Face folder."""
+    from qwen15_exp.weights.checkpoint import is_hf_folder
+    from qwen15_exp.weights.names import HF_TO_MF, rename
+    from qwen15_exp.weights.tensors import hf_tensors, read_header
+    path = Path(path)
+    try:
+        if is_hf_folder(path):
+            return {rename(r.name, HF_TO_MF): tuple(r.shape) for r in hf_tensors(path)
+                    if rename(r.name, HF_TO_MF)}
+        if path.suffix == ".safetensors":
+            refs = read_header(path)
+            size = path.stat().st_size
+            if any(r.end > size for r in refs):
+                raise ValueError(f"the header describes {max(r.end for r in refs)} bytes, the file has {size}")
+            return {r.name: tuple(r.shape) for r in refs}
+        if path.suffix == ".ckpt":
+            import mindspore as ms
+            return {name: tuple(p.shape) for name, p in ms.load_checkpoint(str(path)).items()}
+    except UserError:
+        raise
+    except Exception as e:             # struct/JSON/protobuf errors of a damaged file
+        raise _unreadable(path, f"{type(e).__name__}: {str(e)[:200]}") from None
+    return {}                          # a folder of rank_* checkpoints: MindFormers checks it itself
+
+
+def looks_like(shapes: dict[str, tuple]) -> str:
+    """The model options whose shapes the file has, e.g. 'model=tiny'."""
+    from qwen15_exp.compose import group_options, load_group_option
+    from qwen15_exp.schema import ModelConfig
+    names = []
+    for option in group_options("model"):
+        model = load_group_option("model", option, ModelConfig)
+        want = expected_shapes(model)
+        if all(shapes.get(k) == s for k, s in want.items()):
+            names.append(f"model={option}")
+    return " or ".join(names)
+
+
+def check_fits(path: str, model) -> None:
+    """Raise a UserError naming the differences when the weights at `path` are not `model`'s."""
+    shapes = tensor_shapes(Path(path))
+    if not shapes:
+        return
+    want = expected_shapes(model)
+    missing = [k for k in want if k not in shapes]
+    wrong = [k for k in want if k in shapes and shapes[k] != want[k]]
+    if not missing and not wrong:
+        return
+    examples = [f"{k} is {shapes[k]} there, {want[k]} in model={model.name}" for k in wrong[:2]]
+    examples += [f"{k} is missing" for k in missing[:2 if not wrong else 1]]
+    guess = looks_like(shapes)
+    raise UserError(f"{path} does not fit model={model.name}: {len(wrong)} tensor(s) of another shape, {len(missing)} "
+                    f"missing (e.g. {'; '.join(examples)}). "
+                    + (f"The file looks like {guess}: use that. " if guess else "")
+                    + "Choose the model=<size> (and model.n_kv_heads / tie_word_embeddings) the weights belong to.")

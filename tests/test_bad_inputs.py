@@ -1,0 +1,137 @@
+"""Every bad input is a clear error: exit 2, the file named with what to do, no traceback, nothing
+half-written, result.json with status invalid. Weights of another model are named before anything is built.
+Files are created with the user's umask."""
+import json
+import os
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_experiment, read_json, run_cli
+from qwen15_exp.weights.check import expected_shapes
+from qwen15_exp.weights.names import MF_TO_HF, rename
+from qwen15_exp.weights.tensors import write_streaming
+
+
+def hf_folder(folder, model_overrides=("model=tiny",)):
+    """A Hugging Face Qwen2 folder with the exact tensor names and shapes of a model (random values)."""
+    model = make_experiment(list(model_overrides) + ["hardware=cpu"]).model
+    folder.mkdir(parents=True)
+    items = [(rename(name, MF_TO_HF), "F32", shape) for name, shape in expected_shapes(model).items()]
+    rng = np.random.default_rng(0)
+    write_streaming(folder / "model.safetensors", items,
+                    lambda n: rng.standard_normal(dict((i[0], i[2]) for i in items)[n]).astype(np.float32) * 0.02)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"],
+                                                    "tie_word_embeddings": model.tie_word_embeddings}))
+    return folder
+
+
+def assert_clear_error(r, *needles):
+    assert r.returncode == 2, r.stdout[-1500:] + r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    for needle in needles:
+        assert needle in r.stderr, r.stderr
+
+
+def invalid_result(tmp_path):
+    results = list((tmp_path / "outputs").rglob("result.json"))
+    assert len(results) == 1
+    result = read_json(results[0])
+    assert result["status"] == "invalid" and result["error"]
+    return result
+
+
+@pytest.mark.parametrize("name,content", [("garbage.ckpt", b"\x00\x01not a checkpoint" * 100),
+                                          ("garbage.safetensors", b"\xff" * 64)])
+def test_corrupt_checkpoint_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    r = run_cli([f"phase.load_checkpoint={path}", "hardware=cpu"], tmp_path)
+    assert_clear_error(r, str(path), "cannot be read as weights")
+    invalid_result(tmp_path)
+
+
+def test_truncated_safetensors_and_hf_folder(tmp_path):
+    hf = hf_folder(tmp_path / "hf")
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+    r = run_cli([f"phase.load_checkpoint={hf}", "hardware=cpu"], tmp_path)
+    assert_clear_error(r, "cannot be read")
+    assert not list((tmp_path / "cache").rglob("weights/*.safetensors"))        # nothing half-converted
+    single = tmp_path / "one.safetensors"
+    single.write_bytes(data[: len(data) // 2])
+    r = run_cli(["direction=hf2mf", f"input={single}", f"output={tmp_path / 'out.safetensors'}"], tmp_path,
+                module="qwen15_exp.convert")
+    assert_clear_error(r, str(single))
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_weights_of_another_model_are_named_before_anything_is_built(tmp_path):
+    """The report: chat model=0_5b with a tiny HF folder ended after 28 s in load_param_into_net."""
+    hf = hf_folder(tmp_path / "hf")
+    t0 = time.time()
+    r = run_cli(["model=0_5b", f"phase.load_checkpoint={hf}", "chat.mode=batch", "chat.questions=[hi]"], tmp_path,
+                module="qwen15_exp.chat")
+    assert_clear_error(r, "does not fit model=0_5b", "looks like model=tiny")
+    assert time.time() - t0 < 20
+    hf_gqa = hf_folder(tmp_path / "hf_gqa", ("model=tiny", "model.n_kv_heads=2"))
+    r = run_cli([f"phase.load_checkpoint={hf_gqa}", "hardware=cpu"], tmp_path)
+    assert_clear_error(r, "does not fit model=tiny", "attention.wk.weight")
+
+
+def test_mf2hf_checks_every_tensor_against_the_model(tmp_path):
+    """The report: mf2hf wrote a config.json that disagreed with the tensors beside it."""
+    hf = hf_folder(tmp_path / "hf", ("model=tiny", "model.n_kv_heads=2"))
+    mf = tmp_path / "mf.safetensors"
+    assert run_cli(["direction=hf2mf", f"input={hf}", f"output={mf}", "progress=false"], tmp_path,
+                   module="qwen15_exp.convert").returncode == 0
+    r = run_cli(["direction=mf2hf", f"input={mf}", f"output={tmp_path / 'back'}", "model=tiny"], tmp_path,
+                module="qwen15_exp.convert")
+    assert_clear_error(r, "does not fit model=tiny", "model.n_kv_heads")
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.slow
+def test_broken_mindrecord(tmp_path):
+    r = run_cli(["data=alpaca_sample", "model=tiny", f"output={tmp_path / 'mr'}", "progress=false"], tmp_path,
+                module="qwen15_exp.prepare")
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "mr" / "train.mindrecord"
+    for p in (tmp_path / "mr").iterdir():           # the user's umask (022 here), not MindSpore's 0600
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~0o022, p
+    assert stat.S_IMODE((tmp_path / "mr").stat().st_mode) == 0o777 & ~0o022
+    broken = tmp_path / "no_db"
+    broken.mkdir()
+    (broken / "train.mindrecord").write_bytes(data.read_bytes())
+    r = run_cli(["data=mindrecord", f"data.input={broken}", "hardware=cpu"], tmp_path)
+    assert_clear_error(r, "train.mindrecord.db", "copy both")
+    invalid_result(tmp_path)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "train.mindrecord").write_bytes(data.read_bytes()[:1000])
+    (truncated / "train.mindrecord.db").write_bytes((tmp_path / "mr" / "train.mindrecord.db").read_bytes())
+    r = run_cli(["data=mindrecord", f"data.input={truncated}", "hardware=cpu"], tmp_path / "t2")
+    assert_clear_error(r, "cannot be read as MindRecord")
+
+
+def test_converted_weights_get_the_users_umask(tmp_path):
+    hf = hf_folder(tmp_path / "hf")
+    old = os.umask(0o002)
+    try:
+        r = run_cli(["direction=hf2mf", f"input={hf}", f"output={tmp_path / 'w.safetensors'}", "progress=false"],
+                    tmp_path, module="qwen15_exp.convert")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o664
+
+
+@pytest.mark.parametrize("override,needle", [("phase.max_steps=-5", "phase.max_steps"),
+                                             ("phase.checkpoint.keep_max=1", "phase.checkpoint.keep_max"),
+                                             ("hardware.max_device_memory=lots", "not a memory size")])
+def test_bad_numbers_exit_2(tmp_path, override, needle):
+    r = run_cli(["hardware=cpu", override], tmp_path)
+    assert_clear_error(r, needle)
+    invalid_result(tmp_path)
