@@ -98,5 +98,8 @@ def summary_text(result: dict) -> str:
         lines.append("  NOTHING WAS EXECUTED. On the cluster, from a copy of the run dir on every node:")
         for i, script in enumerate(result.get("launch_scripts", [])):
             lines.append(f"    node {i}: MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash {shlex.quote(script)}")
+        if result.get("phase") != "predict" and result.get("launch_scripts"):
+            lines.append("  to continue after a stop, add RESUME=<run dir>/output/checkpoint (and SRC_STRATEGY=<its "
+                         "output/strategy> if the layout changed)")
     lines.append(f"  files: {result['run_dir']}")
     return "\n".join(lines)

@@ -112,6 +112,7 @@ def test_broken_mindrecord(tmp_path):
     truncated.mkdir()
     (truncated / "train.mindrecord").write_bytes(data.read_bytes()[:1000])
     (truncated / "train.mindrecord.db").write_bytes((tmp_path / "mr" / "train.mindrecord.db").read_bytes())
+    (tmp_path / "t2").mkdir()
     r = run_cli(["data=mindrecord", f"data.input={truncated}", "hardware=cpu"], tmp_path / "t2")
     assert_clear_error(r, "cannot be read as MindRecord")
 

@@ -74,3 +74,23 @@ def test_published_table_sweep_reports_estimate_against_published(tmp_path):
     report = (sweep / "sweep_report.md").read_text()
     assert "estimate vs published, training rows: n=6" in report
     assert report.startswith("# qwen15_exp sweep: table_900_a2_podc\n")           # titled by its experiment
+
+
+def test_a_sweep_says_why_exits_non_zero_and_a_rerun_redoes_only_what_did_not_end_well(tmp_path):
+    import csv
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=7b,72b", "hardware=atlas_800t_a2", "parallel=dp8", f"hydra.sweep.dir={sweep}"]
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 1 and "did not end ok" in r.stderr           # 72B on 8 NPUs without sharding: invalid
+    rows = {row["model"]: row for row in csv.DictReader((sweep / "sweep_report.csv").open())}
+    assert rows["7b"]["status"] == "planned" and rows["72b"]["status"] == "invalid"
+    assert "problem" in rows["72b"]["reason"]                            # the first line of its error
+    report = (sweep / "sweep_report.md").read_text()
+    assert "1 of 2 jobs did not end ok: job 1 invalid" in report and "hydra.sweep.dir" in report
+    first_plan = (sweep / "0" / "plan.json").stat().st_mtime_ns
+    (sweep / "1" / "result.json").unlink()                              # as if killed before it wrote one
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 1
+    assert "job 0: already planned" in r.stdout                          # kept, not planned again
+    assert (sweep / "0" / "plan.json").stat().st_mtime_ns == first_plan
+    assert read_json(sweep / "1" / "result.json")["status"] == "invalid"  # the missing one ran again

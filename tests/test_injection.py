@@ -113,3 +113,18 @@ def test_the_reported_newline_exploit_is_inert(tmp_path, fake_msrun):
     argv, env = run_script(script, fake_msrun, tmp_path / "out")
     assert env["QWEN15_EXP_EXPERIMENT"] == f"x\ntouch {marker}\n#"
     assert not marker.exists()
+
+
+def test_plan_scripts_take_a_resume_point(tmp_path, fake_msrun):
+    """An Ascend plan continues a stopped run: RESUME (and SRC_STRATEGY for a changed layout) reach the workers."""
+    exp = make_experiment(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2"])
+    plan = make_plan(exp, tmp_path / "run")
+    script = write_launch_files(plan, exp)[0]
+    env = {"PATH": f"{fake_msrun}:/usr/bin:/bin", "FAKE_OUT": str(tmp_path / "o"), "RESUME": "/ckpt dir/x",
+           "SRC_STRATEGY": "/strategy"}
+    assert subprocess.run(["bash", str(script)], env=env, timeout=30).returncode == 0
+    argv = (tmp_path / "o.argv").read_bytes().split(b"\0")[:-1]
+    assert [a.decode() for a in argv[-4:]] == ["--resume", "/ckpt dir/x", "--src_strategy", "/strategy"]
+    from qwen15_exp.launch.worker import parse_args
+    args = parse_args([a.decode() for a in argv[argv.index(b"worker.py") + 1:]])
+    assert args.resume == "/ckpt dir/x" and args.src_strategy == "/strategy"

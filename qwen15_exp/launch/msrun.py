@@ -43,6 +43,8 @@ def node_script(plan, exp, node_rank: int) -> str:
         "# Run on that node from this folder (the same path on every node, or shared storage).",
         "# MASTER_ADDR / MASTER_PORT override the planned master; TRAIN_DATA the dataset folder; "
         "LOAD_CHECKPOINT the weights.",
+        "# To continue a stopped run: RESUME=<its output/checkpoint folder>; if it was saved with another layout, "
+        "also SRC_STRATEGY=<its output/strategy folder> (MindFormers re-shards it: auto_trans_ckpt).",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
     ]
@@ -61,7 +63,8 @@ def node_script(plan, exp, node_rank: int) -> str:
     quoted = quoted.replace(q("--master_addr=MASTER_ADDR_PLACEHOLDER"), '--master_addr="$MASTER_ADDR"')
     quoted = quoted.replace(q("--master_port=0"), '--master_port="$MASTER_PORT"')
     lines.append(f'exec {quoted} ${{TRAIN_DATA:+--train_dataset_dir "$TRAIN_DATA"}} '
-                 '${LOAD_CHECKPOINT:+--load_checkpoint "$LOAD_CHECKPOINT"}')
+                 '${LOAD_CHECKPOINT:+--load_checkpoint "$LOAD_CHECKPOINT"} ${RESUME:+--resume "$RESUME"} '
+                 '${SRC_STRATEGY:+--src_strategy "$SRC_STRATEGY"}')
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,10 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="mindformers.yaml")
     ap.add_argument("--train_dataset_dir", default="", help="override train_dataset.data_loader.dataset_dir")
     ap.add_argument("--load_checkpoint", default="", help="override load_checkpoint")
+    ap.add_argument("--resume", default="", help="continue training from this checkpoint folder (rank_*/...), "
+                                                 "through MindFormers' resume (meta.json names the step)")
+    ap.add_argument("--src_strategy", default="", help="the strategy files the checkpoint was saved with, when "
+                                                       "the layout changed: MindFormers re-shards it (auto_trans_ckpt)")
     return ap.parse_args(argv)
 
 
@@ -92,6 +96,10 @@ def main(argv=None) -> None:
         config.train_dataset_task.dataset_config.data_loader.dataset_dir = args.train_dataset_dir
     if args.load_checkpoint:
         config.load_checkpoint = args.load_checkpoint
+    if args.resume:
+        config.load_checkpoint, config.resume_training = args.resume, True
+    if args.src_strategy:
+        config.src_strategy_path_or_dir, config.auto_trans_ckpt = args.src_strategy, True
     set_output_path(config.output_dir)
     build_context(config)
     if config.run_mode == "predict":

@@ -48,11 +48,7 @@ def tensor_shapes(path: Path) -> dict[str, tuple]:
             return {rename(r.name, HF_TO_MF): tuple(r.shape) for r in hf_tensors(path)
                     if rename(r.name, HF_TO_MF)}
         if path.suffix == ".safetensors":
-            refs = read_header(path)
-            size = path.stat().st_size
-            if any(r.end > size for r in refs):
-                raise ValueError(f"the header describes {max(r.end for r in refs)} bytes, the file has {size}")
-            return {r.name: tuple(r.shape) for r in refs}
+            return {r.name: tuple(r.shape) for r in read_header(path)}
         if path.suffix == ".ckpt":
             import mindspore as ms
             return {name: tuple(p.shape) for name, p in ms.load_checkpoint(str(path)).items()}

@@ -32,8 +32,12 @@ class TensorRef:
 
 
 def read_header(path: Path) -> list[TensorRef]:
+    """The tensors of a safetensors file; a file shorter than its header says (truncated) is a ValueError."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size:
+            raise ValueError(f"header length {n} is more than the file's {size} bytes")
         header = json.loads(f.read(n))
     base = 8 + n
     refs = []
@@ -42,6 +46,8 @@ def read_header(path: Path) -> list[TensorRef]:
             continue
         a, b = info["data_offsets"]
         refs.append(TensorRef(name, path, info["dtype"], tuple(info["shape"]), base + a, base + b))
+    if refs and max(r.end for r in refs) > size:
+        raise ValueError(f"truncated: the header describes {max(r.end for r in refs)} bytes, the file has {size}")
     return refs
 
 
