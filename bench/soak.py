@@ -34,7 +34,8 @@ def write_group(root: Path, jobs: list[tuple[str, int]]) -> None:
     (root / "soak").mkdir(parents=True)
     for kind, i in jobs:
         body = KINDS[kind].format(i=i)
-        (root / "soak" / f"{kind}_{i}.yaml").write_text(f"# @package _global_\nhardware: cpu\n{body}\n")
+        (root / "soak" / f"{kind}_{i}.yaml").write_text(
+            f"# @package _global_\ndefaults:\n  - override /hardware: cpu\n\n{body}\n")
 
 
 def sweep_cmd(conf: Path, sweep_dir: Path, jobs: list[tuple[str, int]]) -> list[str]:

@@ -119,12 +119,14 @@ FAILURE_CLASSES = (      # (class, words in the error or the worker log that ide
                            "cluster", "scheduler", "rendezvous")),
     ("compile error", ("compile", "kernel select failed", "unsupported op", "graph", "infer failed")),
     ("data", ("dataset", "mindrecord", "data file", "tokenizer", "columns")),
+    ("configuration", ("class registry", "not registered", "unexpected keyword", "missing 1 required",
+                       "invalid value", "not supported")),
 )
 
 
 def classify_failure(*texts: str) -> str:
     """A failure's class from its message and log: out of memory, killed, connection / HCCL, compile error,
-    data, or other."""
+    data, configuration, or other."""
     blob = " ".join(t for t in texts if t).lower()
     for name, needles in FAILURE_CLASSES:
         if any(n in blob for n in needles):
@@ -133,4 +135,8 @@ def classify_failure(*texts: str) -> str:
 
 
 def first_line(text: str) -> str:
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    """The line that says what went wrong (for a list of problems, the first problem, not the heading)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith("nothing was run:"):
+        return lines[1]
+    return lines[0] if lines else ""

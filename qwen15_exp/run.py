@@ -20,6 +20,7 @@ from qwen15_exp.layout import layout_of
 from qwen15_exp.lifecycle import RunInterrupted, StopRequest, classify_failure, first_line, stop_on_signals
 from qwen15_exp.plan import Dataset, make_plan
 from qwen15_exp.result import summary_text, versions
+from qwen15_exp.sweep import config_sha
 from qwen15_exp.validate import InvalidExperiment, validate
 from qwen15_exp.weights.checkpoint import resolve_checkpoint
 
@@ -95,47 +96,19 @@ def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool
     t0 = time.time()
     t_ref = process_t0 or t0              # "first step at" counts from the process start for its first job
     run_dir = Path(run_dir)
-    from qwen15_exp.sweep import config_sha
     result: dict = {"status": "starting", "run_dir": str(run_dir), "config_sha": config_sha(cfg)}
-    plan = exp = None
+    request = StopRequest()
     try:
-        exp = compose.to_experiment(cfg)
-        result.update(experiment=exp.experiment_name, model=exp.model.name, phase=exp.phase.name,
-                      hardware=exp.hardware.name)
-        layout = layout_of(exp)
-        result["parallel"] = layout.name
-        memory = estimate_memory(exp, layout)
-        problems = validate(exp, layout, memory)
-        if problems:
-            raise InvalidExperiment(problems)
-        resume = None
-        if exp.resume:
-            from qwen15_exp.resume import resume_point
-            resume = resume_point(exp, run_dir, layout)
-        dataset = prepare_dataset(exp, show_progress) if layout.executes else None
-        resolve_checkpoint(exp, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
-        plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume)
-        yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
-        write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
-        if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
-            write_predict_files(plan, exp)
-        result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),
-                      versions=versions(), measured=None, resumed_from_step=resume.step if resume else None)
-        if not plan.executes:
-            from qwen15_exp.launch.msrun import write_launch_files
-            result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
-            result["status"] = "planned"
-        else:
-            execute(plan, exp, yaml_path, result, t_ref)
+        with stop_on_signals(request):        # before training starts, a signal stops the run at once
+            plan_and_execute(cfg, run_dir, result, request, t_ref, show_progress)
     except RunInterrupted as e:
-        end(result, "interrupted", plan, f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}",
-            t0)
+        end(result, "interrupted", f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}", t0)
         raise
     except UserError as e:
-        end(result, "invalid", plan, str(e), t0)
+        end(result, "invalid", str(e), t0)
         raise
     except Exception as e:
-        end(result, "failed", plan, f"{type(e).__name__}: {e}", t0)
+        end(result, "failed", f"{type(e).__name__}: {e}", t0)
         raise
     result["wall_time_s"] = round(time.time() - t0, 3)
     write_json(run_dir / "result.json", result)
@@ -143,14 +116,46 @@ def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool
     return result
 
 
-def execute(plan, exp, yaml_path: Path, result: dict, t_ref: float) -> None:
+def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, show_progress: bool) -> None:
+    """compose -> layout -> validate -> (resume) -> data -> weights -> plan -> launch, filling `result`."""
+    exp = compose.to_experiment(cfg)
+    result.update(experiment=exp.experiment_name, model=exp.model.name, phase=exp.phase.name,
+                  hardware=exp.hardware.name)
+    layout = layout_of(exp)
+    result["parallel"] = layout.name
+    memory = estimate_memory(exp, layout)
+    problems = validate(exp, layout, memory)
+    if problems:
+        raise InvalidExperiment(problems)
+    resume = None
+    if exp.resume:
+        from qwen15_exp.resume import resume_point
+        resume = resume_point(exp, run_dir, layout)
+    dataset = prepare_dataset(exp, show_progress) if layout.executes else None
+    resolve_checkpoint(exp, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
+    plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume)
+    yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
+    write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
+    if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
+        write_predict_files(plan, exp)
+    result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),
+                  versions=versions(), measured=None, resumed_from_step=resume.step if resume else None)
+    if not plan.executes:
+        from qwen15_exp.launch.msrun import write_launch_files
+        result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
+        result["status"] = "planned"
+    else:
+        execute(plan, exp, yaml_path, result, request, t_ref)
+    return plan
+
+
+def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> None:
     """Launch with result.json saying `running` meanwhile; SIGINT/SIGTERM stop at a step, checkpointed."""
     run_dir, train = Path(plan.run_dir), exp.phase.run_mode != "predict"
     write_json(run_dir / "result.json", {**result, "status": "running", "pid": os.getpid()})
-    request, launched = StopRequest(), {}
+    launched = {}
     try:
-        with stop_on_signals(request):
-            launched = launch(plan, exp, yaml_path, request)
+        launched = launch(plan, exp, yaml_path, request)
     finally:                                # whatever happened, keep the curve and name the checkpoint
         if train:
             result["measured"] = training_figures(plan, launched, t_ref)
@@ -168,10 +173,10 @@ def execute(plan, exp, yaml_path: Path, result: dict, t_ref: float) -> None:
         result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
 
 
-def end(result: dict, status: str, plan, error: str, t0: float) -> None:
+def end(result: dict, status: str, error: str, t0: float) -> None:
     """Write result.json for a run that did not end ok: its status, the first line of the error, its class."""
     from qwen15_exp.launch.msrun import worker_log_tail
-    log = worker_log_tail(Path(result["run_dir"])) if plan is not None else ""
+    log = worker_log_tail(Path(result["run_dir"]))
     result.update(status=status, error=error, reason=first_line(error),
                   failure_class=classify_failure(error, log) if status == "failed" else None,
                   wall_time_s=round(time.time() - t0, 3))

@@ -84,7 +84,7 @@ def test_a_sweep_says_why_exits_non_zero_and_a_rerun_redoes_only_what_did_not_en
     assert r.returncode == 1 and "did not end ok" in r.stderr           # 72B on 8 NPUs without sharding: invalid
     rows = {row["model"]: row for row in csv.DictReader((sweep / "sweep_report.csv").open())}
     assert rows["7b"]["status"] == "planned" and rows["72b"]["status"] == "invalid"
-    assert "problem" in rows["72b"]["reason"]                            # the first line of its error
+    assert rows["72b"]["reason"].startswith("1. [hardware] hardware.max_device_memory: estimated")   # the problem
     report = (sweep / "sweep_report.md").read_text()
     assert "1 of 2 jobs did not end ok: job 1 invalid" in report and "hydra.sweep.dir" in report
     first_plan = (sweep / "0" / "plan.json").stat().st_mtime_ns
