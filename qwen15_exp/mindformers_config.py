@@ -24,6 +24,15 @@ def merged(base: dict, extra: dict) -> dict:
     return OmegaConf.to_container(OmegaConf.merge(base, extra), resolve=False)
 
 
+def pet_config(lora) -> dict:
+    """MindFormers' LoRA block (model_config.pet_config): build_network wraps the model with it."""
+    cfg = {"pet_type": "lora", "lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+           "target_modules": lora.target_modules}
+    if lora.trainable:
+        cfg["freeze_exclude"] = list(lora.trainable)
+    return cfg
+
+
 def model_config(exp, adapted: Adapted) -> dict:
     m, ph, p = exp.model, exp.phase, exp.parallel
     dt, g, use_past = adapted.precision, ph.generation, adapted.use_past
@@ -63,6 +72,8 @@ def model_config(exp, adapted: Adapted) -> dict:
     }
     if m.n_kv_heads:
         cfg["n_kv_heads"] = m.n_kv_heads
+    if ph.lora is not None and ph.run_mode != "predict":
+        cfg["pet_config"] = pet_config(ph.lora)
     if m.tie_word_embeddings:
         cfg["tie_word_embeddings"] = True
     if g.bos_token_id is not None:
@@ -111,7 +122,7 @@ def callbacks(exp, stop_step: int | None, save_steps: int) -> list:
     cbs = [{"type": "MFLossMonitor", "per_print_times": 1},
            {"type": "CheckpointMonitor", "prefix": ck.prefix, "save_checkpoint_steps": save_steps,
             "keep_checkpoint_max": ck.keep_max, "integrated_save": False, "async_save": False,
-            "checkpoint_format": str(ck.format)}]
+            "checkpoint_format": str(ck.format), "save_trainable_params": ck.save_trainable_params}]
     if stop_step:
         cbs.append({"type": "TrainCallBack", "stop_step": stop_step})
     return cbs

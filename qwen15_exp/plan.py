@@ -12,7 +12,7 @@ from pathlib import Path
 from qwen15_exp import mindformers_config
 from qwen15_exp.adapt import adapt
 from qwen15_exp.errors import UserError
-from qwen15_exp.estimate.memory import MemoryEstimate, estimate_memory, total_params
+from qwen15_exp.estimate.memory import MemoryEstimate, estimate_memory, total_params, trainable_params
 from qwen15_exp.estimate.throughput import ThroughputEstimate, estimate_throughput
 from qwen15_exp.layout import Layout, layout_of
 
@@ -30,6 +30,7 @@ class Plan:
     layout: Layout
     steps: int | None
     params_total: int
+    params_trainable: int
     memory: MemoryEstimate
     throughput: ThroughputEstimate | None
     mindformers: dict
@@ -51,7 +52,7 @@ class Plan:
             "run_dir": str(self.run_dir), "launcher": L.launcher, "executes": L.executes, "why": L.why,
             "layout": L.name, "devices": L.devices, "nodes": L.nodes, "devices_per_node": L.devices_per_node,
             "global_batch": L.global_batch, "tokens_per_step": L.tokens_per_step, "steps": self.steps,
-            "params_total": self.params_total, "memory": self.memory.as_dict(),
+            "params_total": self.params_total, "params_trainable": self.params_trainable, "memory": self.memory.as_dict(),
             "throughput": self.throughput.as_dict() if self.throughput else None,
             "adaptations": list(self.adaptations), "env": dict(self.env), "save_steps": self.save_steps,
         }
@@ -113,5 +114,6 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout
         columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total, layout=L,
         adapted=adapted, save_steps=save_steps, resume=resume)
     return Plan(run_dir=run_dir, layout=L, steps=steps, params_total=total_params(exp.model),
+                params_trainable=trainable_params(exp.model, exp.phase.lora) if exp.phase.run_mode != "predict" else 0,
                 memory=memory or estimate_memory(exp, L), throughput=throughput, mindformers=cfg,
                 adaptations=list(adapted.notes), env=run_env(exp, resume), save_steps=save_steps)

@@ -68,7 +68,9 @@ def summary_text(result: dict) -> str:
         f"hardware {result['hardware']}",
         f"  devices {p['devices']} = {p['nodes']} node(s) x up to {p['devices_per_node']}   "
         f"global batch {p['global_batch']}   tokens/step {p['tokens_per_step']:,}",
-        f"  parameters {p['params_total']:,}  ({mem['params_per_device']:,} per device)   memory/device "
+        f"  parameters {p['params_total']:,}  ({mem['params_per_device']:,} per device"
+        + (f"; {p['params_trainable']:,} trainable" if p.get("params_trainable") and
+           p["params_trainable"] != p["params_total"] else "") + ")   memory/device "
         f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({'fits' if mem['fits'] else 'OVER'})",
         f"  launcher {p['launcher']}: {p['why']}",
     ]

@@ -139,7 +139,20 @@ class Checkpointing:
     every_minutes: float = 10.0
     keep_max: int = 2
     keep_after_success: int = 1           # checkpoints kept once the run ends ok (0: none; bounds disk use)
+    save_trainable_params: bool = False   # also save the trainable parameters alone (LoRA: the adapters)
     format: CheckpointFormat = CheckpointFormat.ckpt
+
+
+@dataclass
+class Lora:
+    """LoRA through MindFormers' pet_config (pet_type lora): low-rank adapters on the Linear layers whose
+    attribute name matches `target_modules` (MindFormers' regex, e.g. wq in model.layers.0.attention.wq); every
+    other weight is frozen except those matching a `trainable` regex (MindFormers' freeze_exclude)."""
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = ".*wq|.*wk|.*wv|.*wo"
+    trainable: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +192,7 @@ class PhaseConfig:
     max_grad_norm: Optional[float] = None
     recompute: Recompute = field(default_factory=Recompute)
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
+    lora: Optional[Lora] = None           # phase=lora: adapters only; None: every weight trains
     generation: Generation = field(default_factory=Generation)
     use_flash_attention: bool = True
     load_checkpoint: str = ""             # a MindFormers checkpoint file or rank_* folder

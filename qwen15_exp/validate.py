@@ -53,6 +53,17 @@ def check_ranges(exp) -> list[Problem]:
                            f"save_steps={ck.save_steps}, every_minutes={ck.every_minutes}, keep_after_success="
                            f"{ck.keep_after_success}: steps and minutes must be positive, kept files not negative",
                            "e.g. phase.checkpoint.save_steps=500 or phase.checkpoint.every_minutes=10"))
+    lora = exp.phase.lora
+    if lora is not None:
+        import re
+        if lora.rank < 1 or lora.alpha <= 0 or not (0 <= lora.dropout < 1):
+            out.append(Problem("phase", "phase.lora", f"rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}",
+                               "use rank >= 1, alpha > 0 and 0 <= dropout < 1 (e.g. rank 8, alpha 16, dropout 0.05)"))
+        try:
+            re.compile(lora.target_modules)
+        except re.error as e:
+            out.append(Problem("phase", "phase.lora.target_modules", f"{lora.target_modules!r} is not a regex: {e}",
+                               "use MindFormers' form, e.g. '.*wq|.*wk|.*wv|.*wo'"))
     off = exp.parallel.offset
     if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
         out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",
@@ -95,6 +106,17 @@ def check_devices(exp, L) -> list[Problem]:
                 f"data_parallel={L.data_parallel} CPU workers on a machine with {per_node} cores",
                 f"use at most data_parallel={per_node} on this CPU"))
     return out
+
+
+def check_lora_targets(exp) -> list[Problem]:
+    from qwen15_exp.estimate.memory import lora_targets
+    lora = exp.phase.lora
+    if lora is None or lora_targets(exp.model, lora):
+        return []
+    return [Problem("phase", "phase.lora.target_modules",
+                    f"{lora.target_modules!r} matches no Linear layer of model {exp.model.name} (MindFormers matches "
+                    "attribute names: wq wk wv wo of attention, w1 w2 w3 of feed_forward, lm_head)",
+                    "e.g. phase.lora.target_modules='.*wq|.*wk|.*wv|.*wo'")]
 
 
 def check_model_vs_parallel(exp, L) -> list[Problem]:
@@ -247,6 +269,7 @@ def validate(exp, layout=None, memory=None) -> list[Problem]:
     L = layout or layout_of(exp)
     problems += check_devices(exp, L)
     problems += check_model_vs_parallel(exp, L)
+    problems += check_lora_targets(exp)
     if not problems:
         problems += check_memory(exp, L, memory or estimate_memory(exp, L))
     problems += check_files(exp, L)

@@ -47,6 +47,39 @@ def total_params(model) -> int:
     return embedding_params(model) + model.num_layers * layer_params(model) + model.hidden_size + lm_head
 
 
+def lora_targets(model, lora) -> dict[str, tuple]:
+    """The Linear weights LoRA wraps: MindFormers matches `target_modules` against each cell's attribute name
+    (wq in model.layers.0.attention.wq)."""
+    import re
+    from qwen15_exp.weights.shapes import expected_shapes
+    pattern = re.compile(lora.target_modules)
+    return {name: shape for name, shape in expected_shapes(model).items()
+            if name.endswith(".weight") and len(shape) == 2 and "embedding" not in name
+            and pattern.match(name.split(".")[-2])}
+
+
+def trainable_params(model, lora) -> int:
+    """Parameters that get gradients and optimizer state: all of them, or with LoRA the adapters (rank x (in +
+    out) per wrapped Linear) and whatever `lora.trainable` keeps trainable (fnmatch patterns, as MindFormers'
+    freeze_exclude)."""
+    if lora is None:
+        return total_params(model)
+    from fnmatch import fnmatch
+
+    from qwen15_exp.weights.shapes import expected_shapes
+    adapters = sum(lora.rank * (shape[0] + shape[1]) for shape in lora_targets(model, lora).values())
+    kept = sum(_count(shape) for name, shape in expected_shapes(model).items()
+               if any(fnmatch(name, pattern) for pattern in lora.trainable))
+    return adapters + kept
+
+
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def stage_layers(num_layers: int, pp: int, offset) -> list[int]:
     """Layers per pipeline stage: an even split plus MindFormers' offset (int or one entry per stage)."""
     base = [num_layers // pp] * pp
@@ -147,15 +180,18 @@ def estimate_memory(exp, layout=None) -> MemoryEstimate:
 def _estimate(exp, layout, adapted) -> MemoryEstimate:
     ph, p = exp.phase, exp.parallel
     n = params_per_device(exp, layout)
+    # with LoRA the frozen weights get no gradients or optimizer state; the adapters shard like their layers
+    n_train = round(trainable_params(exp.model, ph.lora) * n / total_params(exp.model))
+    adapters = n_train if ph.lora is not None else 0
     w_bytes = DTYPE_BYTES[adapted.precision["param_init"]]
     act_bytes = DTYPE_BYTES[adapted.precision["compute"]]
     training = ph.run_mode != "predict"
     # MindSpore's parallel optimizer keeps only a 1/dp slice of every weight, its gradient and its
     # optimizer state on each device (weights are all-gathered for compute, gradients reduce-scattered)
     shard = layout.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
-    weights = n * w_bytes / shard
-    grads = n * w_bytes / shard if training else 0
-    optimizer = n * 8 / shard if training else 0
+    weights = (n + adapters) * w_bytes / shard
+    grads = n_train * w_bytes / shard if training else 0
+    optimizer = n_train * 8 / shard if training else 0
     acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes) if training else 0
     kv = kv_cache_bytes(exp, layout, act_bytes) if not training else 0
     if not training:                                # prefill of one sequence, no stored activations

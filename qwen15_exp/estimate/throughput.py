@@ -2,7 +2,8 @@
 
 Training, per optimizer step and device:
     compute  = tokens x FLOPs/token / (devices x peak x compute_efficiency)
-               FLOPs/token = 6 N_matmul + 6 L h s            (causal attention: half of 12 L h s)
+               FLOPs/token = 6 N_matmul + 6 L h s            (causal attention: half of 12 L h s;
+                             LoRA: 4 N_matmul + 2 N_trainable, no weight gradients for frozen weights)
                              + 2 N_matmul + 2 L h s           (full recompute: one more forward)
     bubble   = compute x (pp - 1) / micro_batch_num           (1F1B pipeline)
     tp_comm  = sequence-parallel all-gathers / reduce-scatters of s b h activations, 4 per layer forward and
@@ -24,7 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from qwen15_exp.adapt import adapt
-from qwen15_exp.estimate.memory import DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device
+from qwen15_exp.estimate.memory import (DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device,
+                                       total_params, trainable_params)
 from qwen15_exp.layout import layout_of
 
 
@@ -49,7 +51,10 @@ def matmul_params(model) -> int:
 def train_flops_per_token(exp) -> float:
     m, s = exp.model, exp.data.seq_length
     n, attn = matmul_params(m), m.num_layers * m.hidden_size * s
-    flops = 6 * n + 6 * attn
+    # forward 2N, backward 2N for the activations' gradients and 2N for the weights' - only the trainable
+    # ones under LoRA (frozen weights need no weight gradient)
+    weight_grads = 2 * n if exp.phase.lora is None else 2 * min(n, trainable_params(m, exp.phase.lora))
+    flops = 4 * n + weight_grads + 6 * attn
     if exp.phase.recompute.recompute:
         flops += 2 * n + 2 * attn
     elif exp.phase.recompute.select_recompute:
@@ -62,7 +67,8 @@ def memory_traffic_bytes(exp, layout) -> float:
     read and written: 32 bytes per fp32 parameter) and the fp32 logits of the loss (about 4 passes)."""
     p, m, L = exp.parallel, exp.model, layout
     shard = L.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
-    update = params_per_device(exp, L) / shard * 32
+    trainable_share = trainable_params(m, exp.phase.lora) / total_params(m)
+    update = params_per_device(exp, L) * trainable_share / shard * 32
     micro_batches = L.global_batch / (exp.phase.batch_size * L.data_parallel)
     vocab_shard = 1 if p.vocab_emb_dp else L.model_parallel
     logits = 4 * 4 * exp.data.seq_length * exp.phase.batch_size * m.vocab_size / vocab_shard * micro_batches
@@ -98,7 +104,8 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         tp = collectives * per_micro * layers_here * micro_batches / (hw.intra_node_bandwidth_gbs * 1e9)
     dp = 0.0
     if L.data_parallel > 1:
-        grad_bytes = params_per_device(exp, L) * DTYPE_BYTES[dtype["param_init"]]
+        trainable_share = trainable_params(m, exp.phase.lora) / total_params(m)
+        grad_bytes = params_per_device(exp, L) * trainable_share * DTYPE_BYTES[dtype["param_init"]]
         crosses_nodes = L.nodes > 1 and t * L.pipeline_stage < hw.devices_per_node * L.nodes
         bw = hw.inter_node_bandwidth_gbs if crosses_nodes else hw.intra_node_bandwidth_gbs
         dp = 2 * (L.data_parallel - 1) / L.data_parallel * grad_bytes / (bw * 1e9)

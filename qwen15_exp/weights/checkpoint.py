@@ -12,11 +12,7 @@ import json
 from pathlib import Path
 
 from qwen15_exp.paths import cache_root
-
-
-def is_hf_folder(path: Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+from qwen15_exp.weights.check import check_fits, is_hf_folder
 
 
 def checkpoint_format(path: str) -> str:
@@ -58,6 +54,5 @@ def resolve_checkpoint(exp, show_progress: bool = True) -> None:
     and becomes a MindFormers checkpoint (in place)."""
     path = exp.phase.load_checkpoint
     if path and Path(path).exists():           # a plan's weights may live only on the cluster
-        from qwen15_exp.weights.check import check_fits
         check_fits(path, exp.model)
         exp.phase.load_checkpoint = mindformers_weights(path, show_progress)
