@@ -44,6 +44,7 @@ def experiment():
 
 def run_cli(args, tmp_path: Path, module: str = "qwen15_exp", timeout: int = 600, env=None):
     """Run `python -m module args` from tmp_path (so stray writes would show) with outputs under tmp_path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "QWEN15_EXP_OUTPUTS": str(tmp_path / "outputs"),
                 "XDG_CACHE_HOME": os.environ.get("QWEN15_TEST_CACHE", str(tmp_path / "cache")), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=full_env,

@@ -49,10 +49,28 @@ def mindformers_weights(path: str, show_progress: bool = True) -> str:
     return str(out)
 
 
+def outside_rank_folder(path: str) -> str:
+    """A checkpoint file inside a rank_N folder (where runs save theirs) as a link from the cache: MindFormers
+    takes a file in a rank_* folder for one shard of a distributed checkpoint and refuses it on one device."""
+    p = Path(path)
+    if not (p.is_file() and p.parent.name.startswith("rank_")):
+        return path
+    key = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:16]
+    link = weights_cache_dir() / "links" / key / p.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink() or link.resolve() != p.resolve():
+        link.unlink(missing_ok=True)
+        link.symlink_to(p.resolve())
+    return str(link)
+
+
 def resolve_checkpoint(exp, show_progress: bool = True) -> None:
     """The weights step of a run: phase.load_checkpoint is checked against the model (every tensor's shape)
     and becomes a MindFormers checkpoint (in place)."""
     path = exp.phase.load_checkpoint
     if path and Path(path).exists():           # a plan's weights may live only on the cluster
         check_fits(path, exp.model)
-        exp.phase.load_checkpoint = mindformers_weights(path, show_progress)
+        path = mindformers_weights(path, show_progress)
+        if exp.parallel.data_parallel * exp.parallel.model_parallel * exp.parallel.pipeline_stage == 1:
+            path = outside_rank_folder(path)
+        exp.phase.load_checkpoint = path
