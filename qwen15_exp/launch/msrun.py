@@ -3,7 +3,9 @@
 Every run dir that uses msrun holds launch_node<R>.sh for each node R (cd into the run dir, export the
 environment the recipe needs, start msrun with worker_num, local_worker_num, master_addr, master_port,
 node_rank, log_dir, join and cluster_time_out). Every value that enters a script is shell-quoted. On this
-machine's CPU the single-node script is executed for real (data parallel workers).
+machine's CPU the single-node script is executed for real (data parallel workers), supervised: msrun runs in a
+session of its own and dies with this process; a stop request gives the workers SIGTERM (they agree on a step
+and checkpoint), then, after launch.stop_grace_s or a second request, the whole tree is stopped.
 """
 from __future__ import annotations
 
