@@ -3,6 +3,7 @@
     python -m qwen15_exp.convert direction=hf2mf input=/path/Qwen1.5-7B-Chat output=/path/qwen15_7b.safetensors
     python -m qwen15_exp.convert direction=hf2mf input=... output=/path/qwen15_7b.ckpt dtype=fp16
     python -m qwen15_exp.convert direction=mf2hf input=/path/qwen15_7b.safetensors output=/path/hf_dir model=7b
+    python -m qwen15_exp.convert direction=lora_merge input=<phase=lora run dir> output=/path/merged.safetensors
 """
 from __future__ import annotations
 

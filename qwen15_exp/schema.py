@@ -32,7 +32,7 @@ DeviceTarget = choices("DeviceTarget", "CPU", "Ascend", "auto")
 LossScaleKind = choices("LossScaleKind", "dynamic", "static", "none")
 CheckpointFormat = choices("CheckpointFormat", "ckpt", "safetensors")
 ChatMode = choices("ChatMode", "interactive", "demo", "batch")
-Direction = choices("Direction", "hf2mf", "mf2hf")
+Direction = choices("Direction", "hf2mf", "mf2hf", "lora_merge")
 ConvertDType = choices("ConvertDType", "keep", "bf16", "fp16", "fp32")
 
 

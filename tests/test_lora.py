@@ -97,3 +97,48 @@ def test_lora_on_cpu_trains_only_the_adapters(tmp_path):
     trainable = load_file(str(newest))
     assert sorted(trainable) == adapters
     assert {trainable[n].shape for n in adapters} == {(8, 64), (64, 8)}
+    # merged: W + alpha/rank * B @ A gives the LoRA model's logits without adapters
+    merged = tmp_path / "merged.safetensors"
+    r = run_cli(["direction=lora_merge", f"input={run_dir}", f"output={merged}", "progress=false"], tmp_path,
+                module="qwen15_exp.convert")
+    assert r.returncode == 0, r.stderr
+    assert "merged 8 LoRA adapter pairs (alpha 16, rank 8)" in r.stdout             # wq wk wv wo x 2 layers
+    assert "converted 26 tensors" in r.stdout                                       # tiny's network, no adapters
+    assert all(np.array_equal(load_file(str(merged))[n], after[n]) for n in frozen if "attention.w" not in n)
+    to_merged, to_base = logits_difference(run_dir, merged, base_file)
+    assert to_merged <= 1e-5 and to_base > 1e-3          # the adapters matter, and the merge keeps them exactly
+
+
+def logits_difference(run_dir, merged, base) -> tuple[float, float]:
+    """max |logits(LoRA model, its checkpoint) - logits(plain model)| with the merged and with the base weights,
+    on fixed token ids."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import glob, os, yaml, numpy as np
+        os.environ["LOCAL_DEFAULT_PATH"] = os.environ["LOG_MF_PATH"] = {str(run_dir / 'probe')!r}
+        import mindspore as ms
+        from mindformers import LlamaConfig, LlamaForCausalLM
+        from mindformers.pet import get_pet_model
+        ms.set_context(mode=ms.PYNATIVE_MODE); ms.set_device("CPU")
+        mc = yaml.safe_load(open({str(run_dir / 'mindformers.yaml')!r}))["model"]["model_config"]
+        pet = mc.pop("pet_config"); mc.pop("type"); mc.update(batch_size=1, seq_length=16)
+        ids = ms.Tensor(np.random.default_rng(0).integers(0, 151643, (1, 16)), ms.int32)
+        def logits(net, path):
+            params = ms.load_checkpoint(path, format="safetensors")
+            missing, _ = ms.load_param_into_net(net, params, strict_load=False)
+            assert not missing, missing
+            net.set_train(False)
+            inner = next(c for _, c in net.cells_and_names() if hasattr(c, "lm_head") and hasattr(c, "model"))
+            return inner.lm_head(inner.model(ids)).asnumpy()
+        lora_ckpt = glob.glob({str(run_dir)!r} + "/output/checkpoint/rank_0/*.safetensors")[0]
+        a = logits(get_pet_model(LlamaForCausalLM(LlamaConfig(**mc)), pet), lora_ckpt)
+        b = logits(LlamaForCausalLM(LlamaConfig(**mc)), {str(merged)!r})
+        c = logits(LlamaForCausalLM(LlamaConfig(**mc)), {str(base)!r})
+        print("DIFF", float(np.abs(a - b).max()), float(np.abs(a - c).max()))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=run_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    to_merged, to_base = r.stdout.split("DIFF", 1)[1].split()
+    return float(to_merged), float(to_base)

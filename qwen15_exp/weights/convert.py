@@ -208,6 +208,10 @@ def convert(job) -> ConvertSummary:
         if out.suffix not in (".safetensors", ".ckpt"):
             raise UserError(f"output={out}: end it with .safetensors (streamed) or .ckpt")
         return hf_to_mf(src, out, job.dtype, show_progress=job.progress)
+    if job.direction == "lora_merge":           # input: a phase=lora run dir
+        from qwen15_exp.weights.lora import merge_run
+        written, _ = merge_run(src, out)
+        return ConvertSummary(written, out.stat().st_size, 0, [str(out)])
     if job.direction == "mf2hf":
         return mf_to_hf(src, out, job.model, job.dtype, job.shard_gb, show_progress=job.progress)
     raise UserError(f"direction={job.direction!r}: use hf2mf or mf2hf")
