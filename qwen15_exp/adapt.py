@@ -25,6 +25,7 @@ class Adapted:
     loss_scale: object              # None (no scale_sense key), a float, or a DynamicLossScaleUpdateCell dict
     train_step_wrapper: str
     dataset_workers: int
+    numpy_sampling: bool            # generate's logits processors in numpy (TopK has no CPU kernel)
     notes: tuple                    # one line per adaptation, for the summary and plan.json
 
     @property
@@ -90,4 +91,4 @@ def adapt(exp) -> Adapted:
     return Adapted(precision=precision, flash_attention=flash, fused_rms_norm=sup.fused_rms_norm,
                    lazy_inline=sup.lazy_inline, sink_mode=sink, semi_auto_parallel=sup.semi_auto_parallel,
                    use_past=use_past, loss_scale=loss_scale, train_step_wrapper=wrapper, dataset_workers=workers,
-                   notes=tuple(notes))
+                   numpy_sampling=predict and not sup.kv_cache, notes=tuple(notes))

@@ -122,7 +122,7 @@ def run_chat(exp, run_dir: str) -> None:
         raise InvalidExperiment(problems)
     run_dir = Path(run_dir)
     with inside(run_dir, mindformers_env(run_dir)):
-        resolve_checkpoint(exp)
+        resolve_checkpoint(exp, layout.devices)
         plan = make_plan(exp, run_dir, layout=layout, memory=memory)
         if not exp.phase.load_checkpoint:
             print("note: no phase.load_checkpoint given: the model has random weights (text is meaningless, "

@@ -61,12 +61,6 @@ class Layout:
             terms.append(f"context_parallel={self.context_parallel}")
         return " x ".join(terms)
 
-    def as_dict(self) -> dict:
-        return {"name": self.name, "devices": self.devices, "nodes": self.nodes,
-                "devices_per_node": self.devices_per_node, "global_batch": self.global_batch,
-                "tokens_per_step": self.tokens_per_step, "launcher": self.launcher, "executes": self.executes,
-                "why": self.why}
-
 
 def npus_present() -> bool:
     """Ascend NPUs visible on this machine (the driver's device nodes)."""

@@ -233,8 +233,8 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
                             "tokenizer": {"type": "PreTrainedTokenizerFast",
                                           "tokenizer_file": f"{run_dir}/tokenizer.json",
                                           "eos_token": eos_token(ph.chat), "pad_token": eos_token(False)}}
-        if not exp.hardware.supports.kv_cache:
-            cfg["postprocess_use_numpy"] = True    # TopK has no CPU kernel; sample in numpy
+        if adapted.numpy_sampling:
+            cfg["postprocess_use_numpy"] = True
     cfg = merged(cfg, dict(exp.mindformers))
     if "train_dataset" in cfg:             # one section, as the recipes' YAML anchor makes it
         cfg["train_dataset_task"]["dataset_config"] = copy.deepcopy(cfg["train_dataset"])

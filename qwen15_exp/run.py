@@ -132,7 +132,7 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, sh
         from qwen15_exp.resume import resume_point
         resume = resume_point(exp, run_dir, layout)
     dataset = prepare_dataset(exp, show_progress) if layout.executes else None
-    resolve_checkpoint(exp, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
+    resolve_checkpoint(exp, layout.devices, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
     plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume)
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
@@ -170,7 +170,8 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> 
     if train:
         from qwen15_exp.weights.run_checkpoints import checkpoint_root, prune
         prune(checkpoint_root(run_dir), exp.phase.checkpoint.keep_after_success)
-        result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
+        if exp.phase.checkpoint.keep_after_success == 0:
+            result["checkpoint"] = None
 
 
 def end(result: dict, status: str, error: str, t0: float) -> None:

@@ -64,13 +64,13 @@ def outside_rank_folder(path: str) -> str:
     return str(link)
 
 
-def resolve_checkpoint(exp, show_progress: bool = True) -> None:
+def resolve_checkpoint(exp, devices: int, show_progress: bool = True) -> None:
     """The weights step of a run: phase.load_checkpoint is checked against the model (every tensor's shape)
     and becomes a MindFormers checkpoint (in place)."""
     path = exp.phase.load_checkpoint
     if path and Path(path).exists():           # a plan's weights may live only on the cluster
         check_fits(path, exp.model)
         path = mindformers_weights(path, show_progress)
-        if exp.parallel.data_parallel * exp.parallel.model_parallel * exp.parallel.pipeline_stage == 1:
+        if devices == 1:
             path = outside_rank_folder(path)
         exp.phase.load_checkpoint = path
