@@ -4,6 +4,9 @@
     python -m qwen15_exp.convert direction=hf2mf input=... output=/path/qwen15_7b.ckpt dtype=fp16
     python -m qwen15_exp.convert direction=mf2hf input=/path/qwen15_7b.safetensors output=/path/hf_dir model=7b
     python -m qwen15_exp.convert direction=lora_merge input=<phase=lora run dir> output=/path/merged.safetensors
+    python -m qwen15_exp.convert direction=lora_peft input=<phase=lora run dir> output=/path/peft_adapter_dir
+
+A PEFT folder (or a LoRA run dir) goes back in as `phase.adapter=<dir>` on top of `phase.load_checkpoint`.
 """
 from __future__ import annotations
 

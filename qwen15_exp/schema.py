@@ -32,7 +32,7 @@ DeviceTarget = choices("DeviceTarget", "CPU", "Ascend", "auto")
 LossScaleKind = choices("LossScaleKind", "dynamic", "static", "none")
 CheckpointFormat = choices("CheckpointFormat", "ckpt", "safetensors")
 ChatMode = choices("ChatMode", "interactive", "demo", "batch")
-Direction = choices("Direction", "hf2mf", "mf2hf", "lora_merge")
+Direction = choices("Direction", "hf2mf", "mf2hf", "lora_merge", "lora_peft")
 ConvertDType = choices("ConvertDType", "keep", "bf16", "fp16", "fp32")
 
 
@@ -196,6 +196,7 @@ class PhaseConfig:
     generation: Generation = field(default_factory=Generation)
     use_flash_attention: bool = True
     load_checkpoint: str = ""             # a MindFormers checkpoint file or rank_* folder
+    adapter: str = ""                     # LoRA on top of load_checkpoint: a PEFT folder or a phase=lora run dir
     auto_trans_ckpt: bool = False
     predict_data: List[str] = field(default_factory=list)
     system_prompt: str = "You are a helpful assistant."

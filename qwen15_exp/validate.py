@@ -64,6 +64,16 @@ def check_ranges(exp) -> list[Problem]:
         except re.error as e:
             out.append(Problem("phase", "phase.lora.target_modules", f"{lora.target_modules!r} is not a regex: {e}",
                                "use MindFormers' form, e.g. '.*wq|.*wk|.*wv|.*wo'"))
+    if exp.phase.adapter:
+        from pathlib import Path
+        if not Path(exp.phase.adapter).exists():
+            out.append(Problem("phase", "phase.adapter", f"{exp.phase.adapter} not found",
+                               "give a PEFT folder (adapter_config.json) or the dir of a phase=lora run"))
+        elif not (exp.phase.load_checkpoint and Path(exp.phase.load_checkpoint).exists()):
+            out.append(Problem("phase", "phase.adapter", f"adapters need their base weights on this machine; "
+                               f"phase.load_checkpoint={exp.phase.load_checkpoint!r}",
+                               "set phase.load_checkpoint to the base checkpoint or Hugging Face folder the "
+                               "adapters were trained on (they are merged here, before the launch)"))
     off = exp.parallel.offset
     if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
         out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",

@@ -58,7 +58,7 @@ def test_lora_targets_that_match_nothing_are_named():
 
 
 @pytest.mark.slow
-def test_lora_on_cpu_trains_only_the_adapters(tmp_path):
+def test_lora_on_cpu_trains_only_the_adapters(tmp_path, monkeypatch):
     """LoRA from a partly trained tiny model, four records for six epochs: the loss on the same rows goes down,
     every frozen weight is bit-identical to the base checkpoint, only the 16 adapters changed, and the
     trainable-only checkpoint holds exactly them."""
@@ -107,6 +107,45 @@ def test_lora_on_cpu_trains_only_the_adapters(tmp_path):
     assert all(np.array_equal(load_file(str(merged))[n], after[n]) for n in frozen if "attention.w" not in n)
     to_merged, to_base = logits_difference(run_dir, merged, base_file)
     assert to_merged <= 1e-5 and to_base > 1e-3          # the adapters matter, and the merge keeps them exactly
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    check_peft_round_trip(tmp_path, run_dir, base_file, merged)
+
+
+def check_peft_round_trip(tmp_path, run_dir, base_file, merged):
+    """The adapters exported in PEFT format, loaded by `peft` on the Hugging Face Qwen2 converted from the same
+    base, give the LoRA model's logits; read back, they merge to the same weights as the run's own merge."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import Qwen2ForCausalLM
+
+    from conftest import run_cli
+    from qwen15_exp.weights.lora import with_adapters
+    peft_dir, hf_base = tmp_path / "peft_adapter", tmp_path / "hf_base"
+    r = run_cli(["direction=lora_peft", f"input={run_dir}", f"output={peft_dir}", "progress=false"], tmp_path,
+                module="qwen15_exp.convert")
+    assert r.returncode == 0, r.stderr
+    assert "exported 8 LoRA adapter pairs (alpha 16, rank 8) and 0 trained tensors" in r.stdout
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (8, 16, ["k_proj", "o_proj", "q_proj",
+                                                                                    "v_proj"])
+    r = run_cli(["direction=mf2hf", f"input={base_file}", f"output={hf_base}", "progress=false", "dtype=fp32"],
+                tmp_path, module="qwen15_exp.convert")
+    assert r.returncode == 0, r.stderr
+    model = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(hf_base, torch_dtype=torch.float32), peft_dir)
+    model.eval()
+    ids = np.load(run_dir / "ids.npy")
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    ours = np.load(run_dir / "lora_logits.npy")
+    assert np.abs(theirs - ours).max() <= 1e-4, np.abs(theirs - ours).max()
+    # and back: the PEFT folder on the base merges to the run's own merge
+    again = load_file(with_adapters(str(base_file), str(peft_dir)))
+    expected = load_file(str(merged))
+    assert sorted(again) == sorted(expected)
+    assert max(float(np.abs(again[n] - expected[n]).max()) for n in expected) <= 1e-6
 
 
 def logits_difference(run_dir, merged, base) -> tuple[float, float]:
@@ -136,6 +175,7 @@ def logits_difference(run_dir, merged, base) -> tuple[float, float]:
         a = logits(get_pet_model(LlamaForCausalLM(LlamaConfig(**mc)), pet), lora_ckpt)
         b = logits(LlamaForCausalLM(LlamaConfig(**mc)), {str(merged)!r})
         c = logits(LlamaForCausalLM(LlamaConfig(**mc)), {str(base)!r})
+        np.save({str(run_dir / 'lora_logits.npy')!r}, a); np.save({str(run_dir / 'ids.npy')!r}, ids.asnumpy())
         print("DIFF", float(np.abs(a - b).max()), float(np.abs(a - c).max()))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=run_dir)

@@ -71,6 +71,10 @@ def resolve_checkpoint(exp, devices: int, show_progress: bool = True) -> None:
     if path and Path(path).exists():           # a plan's weights may live only on the cluster
         check_fits(path, exp.model)
         path = mindformers_weights(path, show_progress)
+        if exp.phase.adapter:
+            from qwen15_exp.weights.lora import with_adapters
+            # a LoRA run trains the adapters on; every other phase uses them merged (proven equal)
+            path = with_adapters(path, exp.phase.adapter, exp.phase.lora)
         if devices == 1:
             path = outside_rank_folder(path)
         exp.phase.load_checkpoint = path

@@ -212,6 +212,10 @@ def convert(job) -> ConvertSummary:
         from qwen15_exp.weights.lora import merge_run
         written, _ = merge_run(src, out)
         return ConvertSummary(written, out.stat().st_size, 0, [str(out)])
+    if job.direction == "lora_peft":            # input: a phase=lora run dir; output: a PEFT folder
+        from qwen15_exp.weights.peft import export_run
+        files = export_run(src, out)
+        return ConvertSummary(len(files), sum(f.stat().st_size for f in files), 0, [str(f) for f in files])
     if job.direction == "mf2hf":
         return mf_to_hf(src, out, job.model, job.dtype, job.shard_gb, show_progress=job.progress)
-    raise UserError(f"direction={job.direction!r}: use hf2mf or mf2hf")
+    raise UserError(f"direction={job.direction!r}: use hf2mf, mf2hf, lora_merge or lora_peft")

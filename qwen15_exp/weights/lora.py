@@ -1,12 +1,18 @@
-"""LoRA adapters merged into the base weights: W' = W + (alpha / rank) * B @ A for every wrapped Linear.
+"""LoRA adapters in MindFormers' names: read from a phase=lora run or a PEFT folder, merged into base weights,
+or put beside them to train on.
 
 MindFormers (mindpet's LoRADense) keeps `<layer>.mindpet_delta_lora_a` (rank x in) and `..._lora_b` (out x
-rank) beside the frozen `<layer>.weight` and adds `scaling * x A^T B^T`, scaling = lora_alpha / lora_rank;
-the merged weight gives the same output with no adapter. Input: a LoRA run's checkpoint (network + adapters,
-as it trains); output: a plain MindFormers safetensors checkpoint any run, chat or convert can take.
+rank) beside the frozen `<layer>.weight` and adds `scaling * x A^T B^T`, scaling = lora_alpha / lora_rank (PEFT's
+LoRA without rslora computes the same); the merged weight W + scaling * B @ A gives the same output with no
+adapter. Parameters a LoRA run keeps trainable besides the adapters (`freeze_exclude`, e.g. the norms) travel
+with the adapters as `extras` and replace the base's tensors.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -17,52 +23,165 @@ from qwen15_exp.errors import UserError
 LORA_A, LORA_B = ".mindpet_delta_lora_a", ".mindpet_delta_lora_b"
 NOT_WEIGHTS = ("adam_", "accu_", "global_step", "scale_sense", "loss_scale", "epoch_num", "step_num",
                "current_iterator_step", "last_overflow_iterator_step", "global_batch_size")
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
 
-def merged_weights(tensors: dict, alpha: float, rank: int) -> dict:
-    """Network weights with every adapter pair folded into its layer's weight (float32 arithmetic)."""
-    scaling = alpha / rank
-    out = {}
-    for name, value in tensors.items():
-        if name.startswith(NOT_WEIGHTS) or name.endswith((LORA_A, LORA_B)):
-            continue
-        layer = name[: -len(".weight")] if name.endswith(".weight") else None
-        if layer and layer + LORA_A in tensors:
-            a, b = tensors[layer + LORA_A].astype(np.float32), tensors[layer + LORA_B].astype(np.float32)
-            value = (value.astype(np.float32) + scaling * (b @ a)).astype(value.dtype)
-        out[name] = value
+@dataclass
+class Adapters:
+    """LoRA adapters in MindFormers names: {layer: (A, B)}, layer like model.layers.0.attention.wq."""
+    rank: int
+    alpha: float
+    pairs: dict
+    extras: dict = field(default_factory=dict)      # other trained tensors (full MindFormers names)
+    source: str = ""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def tensors(self) -> dict:
+        """The adapters as a MindFormers LoRA network names them (what a phase=lora run loads)."""
+        out = dict(self.extras)
+        for layer, (a, b) in self.pairs.items():
+            out[layer + LORA_A], out[layer + LORA_B] = a, b
+        return out
+
+
+def network_weights(tensors: dict) -> dict:
+    """A checkpoint's network weights: no optimizer state, counters or adapters."""
+    return {n: v for n, v in tensors.items() if not n.startswith(NOT_WEIGHTS) and not n.endswith((LORA_A, LORA_B))}
+
+
+def merged_weights(base: dict, adapters: Adapters) -> dict:
+    """Base network weights with the extras put in and every adapter pair folded into its layer's weight
+    (float32 arithmetic, stored in the base's dtype)."""
+    out = network_weights(base)
+    out.update(adapters.extras)
+    for layer, (a, b) in adapters.pairs.items():
+        w = out.get(layer + ".weight")
+        if w is None or w.shape != (b.shape[0], a.shape[1]):
+            raise UserError(f"adapter {layer} ({b.shape[0]} x {a.shape[1]}) does not fit the base weights "
+                            f"({None if w is None else w.shape}) from {adapters.source}; choose the base model the "
+                            "adapters were trained on")
+        out[layer + ".weight"] = (w.astype(np.float32) + adapters.scaling * (b.astype(np.float32) @ a.astype(np.float32))
+                                  ).astype(w.dtype)
     return out
 
 
 def read_checkpoint(path: Path) -> dict:
-    if path.suffix == ".safetensors":
+    if Path(path).suffix == ".safetensors":
         from qwen15_exp.weights.tensors import load_array, read_header
         return {r.name: load_array(r) for r in read_header(path) if r.dtype in ("F32", "F16")}
     import mindspore as ms
     return {name: p.asnumpy() for name, p in ms.load_checkpoint(str(path)).items()}
 
 
-def merge_run(run_dir: Path, out: Path) -> tuple[int, Path]:
-    """Merge a LoRA run's newest checkpoint into `out` (.safetensors); returns (tensors written, the source)."""
-    from qwen15_exp.weights.run_checkpoints import checkpoint_files, checkpoint_root
-    from qwen15_exp.weights.tensors import write_streaming
+def run_pet_config(run_dir: Path) -> dict:
     yaml_path = Path(run_dir) / "mindformers.yaml"
     if not yaml_path.is_file():
         raise UserError(f"{run_dir} is not a run dir (no mindformers.yaml); give the folder of a phase=lora run")
-    pet = (yaml.safe_load(yaml_path.read_text())["model"]["model_config"].get("pet_config") or {})
+    pet = yaml.safe_load(yaml_path.read_text())["model"]["model_config"].get("pet_config") or {}
     if pet.get("pet_type") != "lora":
-        raise UserError(f"{run_dir} did not train with LoRA (no pet_config of type lora); nothing to merge")
+        raise UserError(f"{run_dir} did not train with LoRA (no pet_config of type lora); nothing to take")
+    return pet
+
+
+def newest_run_checkpoint(run_dir: Path) -> Path:
+    from qwen15_exp.weights.run_checkpoints import checkpoint_files, checkpoint_root
     rank0 = checkpoint_root(run_dir) / "rank_0"
     files = checkpoint_files(rank0) if rank0.is_dir() else []
     if not files:
-        raise UserError(f"{run_dir} has no checkpoint in {rank0}; merge after the run has saved one")
-    tensors = read_checkpoint(files[0])
-    adapters = sum(name.endswith(LORA_A) and not name.startswith(NOT_WEIGHTS) for name in tensors)
-    merged = merged_weights(tensors, pet["lora_alpha"], pet["lora_rank"])
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
-    items = [(name, codes[v.dtype], v.shape) for name, v in merged.items()]
+        raise UserError(f"{run_dir} has no checkpoint in {rank0}; use it after the run has saved one")
+    return files[0]
+
+
+def adapters_of_run(run_dir: Path) -> tuple[Adapters, dict]:
+    """(the adapters, the whole network) of a phase=lora run's newest checkpoint."""
+    pet = run_pet_config(run_dir)
+    path = newest_run_checkpoint(run_dir)
+    tensors = read_checkpoint(path)
+    pairs = {n[: -len(LORA_A)]: (tensors[n], tensors[n[: -len(LORA_A)] + LORA_B])
+             for n in tensors if n.endswith(LORA_A) and not n.startswith(NOT_WEIGHTS)}
+    network = network_weights(tensors)
+    extras = {n: v for n, v in network.items() if any(fnmatch(n, p) for p in pet.get("freeze_exclude") or [])}
+    return Adapters(pet["lora_rank"], pet["lora_alpha"], pairs, extras, str(path)), network
+
+
+def read_adapters(path: str) -> Adapters:
+    """Adapters from a PEFT folder (adapter_config.json) or a phase=lora run dir (mindformers.yaml)."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        from qwen15_exp.weights.peft import read_peft
+        return read_peft(p)
+    if (p / "mindformers.yaml").is_file():
+        return adapters_of_run(p)[0]
+    raise UserError(f"phase.adapter={path}: not a PEFT folder (adapter_config.json) nor a phase=lora run dir "
+                    "(mindformers.yaml); give one of those")
+
+
+def write_safetensors(out: Path, tensors: dict, note: str) -> None:
+    from qwen15_exp.weights.tensors import write_streaming
+    items = [(name, SAFETENSORS_DTYPES[v.dtype], v.shape) for name, v in tensors.items()]
+    write_streaming(out, items, tensors.__getitem__, metadata={"format": "ms", "source": f"qwen15_exp {note}"})
+
+
+def merge_run(run_dir: Path, out: Path) -> tuple[int, Path]:
+    """Merge a LoRA run's newest checkpoint into `out` (.safetensors); returns (tensors written, the source)."""
     if out.suffix != ".safetensors":
         raise UserError(f"output={out}: end it with .safetensors")
-    write_streaming(out, items, merged.__getitem__, metadata={"format": "ms", "source": "qwen15_exp lora_merge"})
-    print(f"merged {adapters} LoRA adapter pairs (alpha {pet['lora_alpha']}, rank {pet['lora_rank']}) of {files[0]}")
-    return len(items), files[0]
+    adapters, network = adapters_of_run(run_dir)
+    merged = merged_weights(network, adapters)
+    write_safetensors(out, merged, "lora_merge")
+    print(f"merged {len(adapters.pairs)} LoRA adapter pairs (alpha {adapters.alpha}, rank {adapters.rank}) of "
+          f"{adapters.source}")
+    return len(merged), Path(adapters.source)
+
+
+def _file_key(path: Path) -> list:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+            if f.suffix in (".json", ".safetensors", ".ckpt", ".yaml")]
+
+
+def check_continues(adapters: Adapters, lora) -> None:
+    """A phase=lora run continuing adapters must build the same adapters: rank, alpha and wrapped layers."""
+    import re
+    layers = {layer.rsplit(".", 1)[-1] for layer in adapters.pairs}
+    pattern = re.compile(lora.target_modules)
+    wrapped = {name for name in layers if pattern.match(name)}
+    if adapters.rank != lora.rank or adapters.alpha != lora.alpha or wrapped != layers:
+        raise UserError(f"phase.adapter={adapters.source} has rank {adapters.rank}, alpha {adapters.alpha:g} on "
+                        f"{sorted(layers)}; this run builds rank {lora.rank}, alpha {lora.alpha:g}, targets "
+                        f"{lora.target_modules!r}. Continue them with phase.lora.rank={adapters.rank} "
+                        f"phase.lora.alpha={adapters.alpha:g} phase.lora.target_modules='"
+                        + "|".join(f".*{n}" for n in sorted(layers)) + "'")
+
+
+def with_adapters(base: str, adapter: str, lora=None) -> str:
+    """A cached checkpoint of `base` with `adapter` (PEFT folder or LoRA run dir) folded in (chat, predict,
+    eval, full finetuning: `lora` None) or beside it under MindFormers' LoRA names (a phase=lora run continuing
+    the adapters, checked against its `lora` config). Written once per (base, adapter, mode)."""
+    from qwen15_exp.weights.checkpoint import weights_cache_dir
+    merge = lora is None
+    base_path, adapter_path = Path(base), Path(adapter)
+    if not base_path.is_file():
+        raise UserError(f"phase.adapter needs phase.load_checkpoint to be one checkpoint file or a Hugging Face "
+                        f"folder; got {base}")
+    key = hashlib.sha256(json.dumps([_file_key(base_path), _file_key(adapter_path), merge]).encode()).hexdigest()[:16]
+    out = weights_cache_dir() / "adapters" / f"{base_path.stem}-{'merged' if merge else 'lora'}-{key}.safetensors"
+    adapters = read_adapters(adapter)
+    if not merge:
+        check_continues(adapters, lora)
+    if out.is_file():
+        return str(out)
+    base_tensors = network_weights(read_checkpoint(base_path))
+    if merge:
+        tensors = merged_weights(base_tensors, adapters)
+    else:
+        merged_weights(base_tensors, adapters)            # shape check only
+        tensors = {**base_tensors, **adapters.tensors()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out, tensors, "merged adapters" if merge else "base + adapters")
+    print(f"{'merged' if merge else 'loaded'} {len(adapters.pairs)} LoRA adapter pairs (alpha {adapters.alpha}, "
+          f"rank {adapters.rank}) from {adapter} onto {base} -> {out} (cached)")
+    return str(out)

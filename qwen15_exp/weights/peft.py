@@ -1,0 +1,106 @@
+"""LoRA adapters in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT names an adapter `base_model.model.<HF module>.lora_A.weight` (r x in) and `.lora_B.weight` (out x r), a
+module kept trainable (`modules_to_save`) `base_model.model.<HF name>`; with `use_rslora` false its scaling is
+lora_alpha / r, MindFormers' too, so the tensors move across unchanged (only the names change, through the
+same table as the full weights).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qwen15_exp.errors import UserError
+from qwen15_exp.weights.lora import Adapters
+from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _hf_module(mf_layer: str) -> str:
+    name = rename(mf_layer + ".weight", MF_TO_HF)
+    if name is None:
+        raise UserError(f"no Hugging Face name for the adapter on {mf_layer}")
+    return name[: -len(".weight")]
+
+
+def peft_config(adapters: Adapters, base_model: str, dropout: float) -> dict:
+    modules = [_hf_module(layer) for layer in adapters.pairs]
+    extras = sorted({_hf_module(n[: -len(".weight")]) for n in adapters.extras if n.endswith(".weight")})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+        "r": adapters.rank, "lora_alpha": adapters.alpha, "lora_dropout": dropout,
+        # MindFormers matches one attribute name in every layer; PEFT matches module-name suffixes the same way
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        "modules_to_save": extras or None,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+
+
+def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout: float = 0.0) -> list[Path]:
+    """Write the PEFT folder (both files appear together: written into a temporary folder, then renamed)."""
+    from qwen15_exp.atomic import atomic_dir, write_json
+    from qwen15_exp.weights.lora import write_safetensors
+    tensors = {}
+    for layer, (a, b) in adapters.pairs.items():
+        module = PREFIX + _hf_module(layer)
+        tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = a, b
+    for name, value in adapters.extras.items():
+        tensors[PREFIX + rename(name, MF_TO_HF)] = value
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / WEIGHTS, tensors, "peft export")
+        write_json(tmp / CONFIG, peft_config(adapters, base_model, dropout))
+    return [out_dir / CONFIG, out_dir / WEIGHTS]
+
+
+def read_peft(folder: Path) -> Adapters:
+    from safetensors.numpy import load_file
+    config = json.loads((folder / CONFIG).read_text())
+    unsupported = {k: config.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out") if config.get(k)}
+    if config.get("peft_type") != "LORA" or unsupported or config.get("bias", "none") != "none":
+        raise UserError(f"{folder}: only plain LoRA adapters load (peft_type LORA, bias none, no DoRA/rsLoRA/"
+                        f"fan_in_fan_out); this one has peft_type={config.get('peft_type')} {unsupported}")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserError(f"{folder}: per-layer ranks or alphas (rank_pattern/alpha_pattern) have no MindFormers "
+                        "equivalent (one lora_rank and lora_alpha per model)")
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{folder}: no {WEIGHTS} beside {CONFIG}")
+    pairs, extras = {}, {}
+    for key, value in load_file(str(weights)).items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if name.endswith(part):
+                layer = rename(name[: -len(part)] + ".weight", HF_TO_MF)
+                if layer is None:
+                    raise UserError(f"{folder}: adapter {key} is on a module qwen15_exp does not know")
+                pairs.setdefault(layer[: -len(".weight")], [None, None])[slot] = value
+                break
+        else:
+            mf = rename(name, HF_TO_MF)
+            if mf is None:
+                raise UserError(f"{folder}: tensor {key} is neither an adapter nor a Qwen2 weight")
+            extras[mf] = value
+    broken = [layer for layer, (a, b) in pairs.items() if a is None or b is None]
+    if broken:
+        raise UserError(f"{folder}: adapters without their A or B half: {broken[:3]}")
+    return Adapters(int(config["r"]), float(config["lora_alpha"]), {k: tuple(v) for k, v in pairs.items()},
+                    extras, str(folder))
+
+
+def export_run(run_dir: Path, out_dir: Path) -> list[Path]:
+    """A phase=lora run's newest adapters as a PEFT folder; the base model named is the run's load_checkpoint."""
+    import yaml
+
+    from qwen15_exp.weights.lora import adapters_of_run, run_pet_config
+    if out_dir.suffix:
+        raise UserError(f"output={out_dir}: a PEFT adapter is a folder; give a folder name without a suffix")
+    adapters, _ = adapters_of_run(run_dir)
+    hydra_config = Path(run_dir) / ".hydra" / "config.yaml"
+    base = yaml.safe_load(hydra_config.read_text())["phase"].get("load_checkpoint", "") if hydra_config.is_file() else ""
+    files = export_peft(adapters, out_dir, base, run_pet_config(run_dir).get("lora_dropout", 0.0))
+    print(f"exported {len(adapters.pairs)} LoRA adapter pairs (alpha {adapters.alpha}, rank {adapters.rank}) and "
+          f"{len(adapters.extras)} trained tensors of {adapters.source} in PEFT format")
+    return files
