@@ -78,7 +78,7 @@ def adapt(exp) -> Adapted:
         notes.append(f"parallel.parallel_mode: 1 -> 0 (semi-auto parallel does not run on {name}; data parallel "
                      "only)")
     loss_scale, wrapper = None, "MFTrainOneStepCell"
-    if not predict:
+    if ph.trains:
         loss_scale = _loss_scale(ph.loss_scale, precision["compute"] == "float32", notes)
         if not sup.npu_overflow_status:
             notes.append(f"runner_wrapper: MFTrainOneStepCell -> {CPU_TRAIN_STEP_WRAPPER} (its overflow check uses "

@@ -105,6 +105,8 @@ def absolutize_data(data, base: str | None = None):
 def absolutize_paths(exp: Experiment, base: str | None = None) -> Experiment:
     absolutize_data(exp.data, base)
     exp.phase.load_checkpoint = absolute_path(exp.phase.load_checkpoint, base)
+    exp.phase.adapter = absolute_path(exp.phase.adapter, base)
+    exp.phase.eval.input = absolute_path(exp.phase.eval.input, base)
     return exp
 
 

@@ -72,7 +72,7 @@ def model_config(exp, adapted: Adapted) -> dict:
     }
     if m.n_kv_heads:
         cfg["n_kv_heads"] = m.n_kv_heads
-    if ph.lora is not None and ph.run_mode != "predict":
+    if ph.lora is not None and ph.trains:
         cfg["pet_config"] = pet_config(ph.lora)
     if m.tie_word_embeddings:
         cfg["tie_word_embeddings"] = True
@@ -117,6 +117,16 @@ def dataset_section(exp, dataset_dir: str, columns: list[str], adapted: Adapted)
     }
 
 
+def eval_sections(exp, dataset_dir: str, columns: list[str], adapted: Adapted, run_dir: Path) -> dict:
+    """MindFormers' evaluation: the dataset (one row per batch, none dropped) and the perplexity metric, which
+    appends each evaluation to <run>/eval_rank<r>.jsonl (mindformers_ext.TokenPerplexity)."""
+    section = dataset_section(exp, dataset_dir, columns, adapted)
+    section.update(batch_size=1, drop_remainder=False)
+    return {"eval_dataset": section,
+            "eval_dataset_task": {"type": "CausalLanguageModelDataset", "dataset_config": copy.deepcopy(section)},
+            "metric": {"type": "TokenPerplexity", "log_dir": str(run_dir)}}
+
+
 def callbacks(exp, stop_step: int | None, save_steps: int) -> list:
     ck = exp.phase.checkpoint
     cbs = [{"type": "MFLossMonitor", "per_print_times": 1},
@@ -142,7 +152,7 @@ def context_section(exp) -> dict:
 def parallel_sections(exp, L: Layout, adapted: Adapted, run_dir: Path) -> dict:
     p, ph = exp.parallel, exp.phase
     n_dev, mode = L.devices, adapted.parallel_mode
-    predict = ph.run_mode == "predict"
+    predict = not ph.trains
     parallel = {
         "parallel_mode": mode,
         "gradients_mean": mode == 0 and n_dev > 1,     # data parallel averages; semi-auto loss is global
@@ -172,7 +182,8 @@ def parallel_sections(exp, L: Layout, adapted: Adapted, run_dir: Path) -> dict:
 
 def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, columns: list[str] | None = None,
           stop_step: int | None = None, total_steps: int | None = None, layout: Layout | None = None,
-          adapted: Adapted | None = None, save_steps: int | None = None, resume=None) -> dict:
+          adapted: Adapted | None = None, save_steps: int | None = None, resume=None,
+          eval_dataset_dir: str = "", eval_columns: list[str] | None = None) -> dict:
     """The MindFormers run config of the experiment, as the target hardware will run it.
 
     `resume` (a weights.run_checkpoints.Checkpoint of this run) continues training through MindFormers'
@@ -181,7 +192,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
     from 1, so the stop step is the number of steps still to do."""
     ph = exp.phase
     L, adapted = layout or layout_of(exp), adapted or adapt(exp)
-    predict = ph.run_mode == "predict"
+    default_columns = ["input_ids"] if exp.data.format == "wiki" else ["input_ids", "labels"]
     cfg = {
         "seed": ph.seed,
         "output_dir": f"{run_dir}/output",
@@ -206,7 +217,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
     if ph.gradient_accumulation_steps != 1:
         cfg["runner_config"]["gradient_accumulation_steps"] = ph.gradient_accumulation_steps
     cfg.update(parallel_sections(exp, L, adapted, run_dir))
-    if not predict:
+    if ph.trains:
         lr = ph.lr_schedule
         schedule = {"type": lr.type, "learning_rate": lr.learning_rate, "warmup_ratio": lr.warmup_ratio,
                     "total_steps": total_steps if total_steps else lr.total_steps}
@@ -224,10 +235,16 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
             "callbacks": callbacks(exp, stop_step - resume.step if (stop_step and resume) else stop_step,
                                    save_steps or 1000),
         })
-        default_columns = ["input_ids"] if exp.data.format == "wiki" else ["input_ids", "labels"]
         section = dataset_section(exp, dataset_dir, columns or default_columns, adapted)
         cfg["train_dataset"] = section
         cfg["train_dataset_task"] = {"type": "CausalLanguageModelDataset", "dataset_config": copy.deepcopy(section)}
+        if ph.eval.every_steps:          # the eval rows are seq_length tokens wide, as the network takes them
+            cfg.update(eval_sections(exp, eval_dataset_dir, eval_columns or default_columns, adapted, run_dir),
+                       do_eval=True, eval_step_interval=ph.eval.every_steps, eval_epoch_interval=-1)
+    elif ph.run_mode == "eval":
+        # whole rows (seq_length+1 tokens) go through the network, whose PerplexityCell scores tokens 1..n
+        cfg["model"]["model_config"]["seq_length"] += 1
+        cfg.update(eval_sections(exp, dataset_dir, columns or default_columns, adapted, run_dir))
     else:
         cfg["processor"] = {"return_tensors": "ms", "type": "LlamaProcessor",
                             "tokenizer": {"type": "PreTrainedTokenizerFast",

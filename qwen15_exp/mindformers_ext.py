@@ -11,6 +11,9 @@
   again at 1, and the plan exports the steps already done (QWEN15_EXP_INITIAL_STEP).
 - skip_checkpoint_preload: data-parallel runs on CPU load a .ckpt (resume) only without MindFormers' MindIO
   preload step, which is an Ascend-cluster feature and ends in a barrier() that has no CPU kernel.
+- TokenPerplexity: MindFormers' PerplexityMetric weighted by tokens. The original averages the batches' mean
+  losses, which is exp(mean token NLL) only when every batch holds as many tokens; padded chat rows do not.
+  Each evaluation is appended to <run>/eval_rank<r>.jsonl with the training step it followed.
 - StopControl: a graceful stop. A stop request (SIGINT/SIGTERM, see lifecycle.py) ends training at a step
   boundary through run_context.request_stop(), after which MindFormers' CheckpointMonitor saves a final
   checkpoint. Data-parallel ranks agree on the step through a file in the run dir, so none is left waiting
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from mindspore.nn.wrap.loss_scale import _ascend_grad_overflow
 from mindspore.train.callback import Callback
+from mindformers.core.metric.metric import PerplexityMetric
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper.wrapper import MFTrainOneStepCell
 
@@ -57,6 +61,47 @@ def absolute_step(cb_params) -> int:
     return int(cb_params.cur_step_num) + int(os.environ.get(INITIAL_STEP_ENV, "0") or 0)
 
 
+LAST_STEP = [0]             # the newest training step this process finished (0: none, e.g. phase=eval)
+
+
+@MindFormerRegister.register(MindFormerModuleType.METRIC)
+class TokenPerplexity(PerplexityMetric):
+    """Perplexity = exp(total NLL / scored tokens); each evaluation appended to `log_dir`/eval_rank<r>.jsonl."""
+
+    def __init__(self, log_dir: str = ""):
+        super().__init__()
+        self.log_dir = log_dir
+        self.nll, self.tokens = 0.0, 0
+
+    def clear(self):
+        super().clear()
+        self.nll, self.tokens = 0.0, 0
+
+    def update(self, *inputs):
+        if self.pipeline_parallel:           # only the last stage has logits; MindFormers' own handling
+            return super().update(*inputs)
+        loss = float(self.ppl_loss(*inputs).asnumpy())
+        scored = int(round(float(inputs[2].asnumpy()[:, 1:].sum())))   # PerplexityCell scores tokens 1..n
+        self.total_loss += loss
+        self.num_data += 1
+        self.nll += loss * scored
+        self.tokens += scored
+        return None
+
+    def eval(self):
+        out = super().eval()
+        if out is None or not self.tokens:
+            return out
+        mean = self.nll / self.tokens
+        out = {"loss": mean, "PPL": float(np.exp(mean)), "tokens": self.tokens, "batches": self.num_data,
+               "batch_mean_loss": out["loss"]}
+        if self.log_dir:
+            from mindformers.tools.utils import get_real_rank
+            with open(Path(self.log_dir) / f"eval_rank{get_real_rank()}.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": LAST_STEP[0], **out, "unix": round(time.time(), 3)}) + "\n")
+        return out
+
+
 class StepRecorder(Callback):
     """Loss and end time of every training step; each step also appended to `log_path` (JSON lines)."""
 
@@ -80,6 +125,7 @@ class StepRecorder(Callback):
         self.step_end_unix.append(time.time())
         self.losses.append(_loss_of(cb.net_outputs))
         self.steps.append(absolute_step(cb))
+        LAST_STEP[0] = self.steps[-1]
         if self.log_path:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.steps[-1], "loss": self.losses[-1], "step_s": round(step_s, 6),

@@ -15,5 +15,10 @@ def cache_root() -> Path:
     return Path(base) / "qwen15_exp"
 
 
+def weights_cache_dir() -> Path:
+    """Converted Hugging Face weights, base + adapter checkpoints, links to run checkpoints."""
+    return cache_root() / "weights"
+
+
 def output_root() -> Path:
     return Path(os.environ.get("QWEN15_EXP_OUTPUTS") or os.path.join(os.path.expanduser("~"), "qwen15_exp_outputs"))

@@ -97,23 +97,25 @@ def run_env(exp, resume=None) -> dict:
 
 
 def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout | None = None,
-              memory: MemoryEstimate | None = None, resume=None) -> Plan:
+              memory: MemoryEstimate | None = None, resume=None, eval_dataset: Dataset | None = None) -> Plan:
     L = layout or layout_of(exp)
     adapted = adapt(exp)
     throughput = estimate_throughput(exp, L)
     steps = stop = total = epochs = None
-    if exp.phase.run_mode != "predict" and dataset is not None and dataset.rows:
+    if exp.phase.trains and dataset is not None and dataset.rows:
         epochs, stop, total = training_steps(exp, L, dataset.rows)
         steps = total
-    if exp.phase.run_mode != "predict" and stop is None and exp.phase.max_steps:
+    if exp.phase.trains and stop is None and exp.phase.max_steps:
         stop = total = steps = exp.phase.max_steps        # a plan without the dataset keeps its stop step
     save_steps = checkpoint_interval(exp, throughput.step_s if throughput else None, total)
     # a plan is copied to the cluster: its paths are relative to its own folder
     cfg = mindformers_config.build(
         exp, run_dir if L.executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
         columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total, layout=L,
-        adapted=adapted, save_steps=save_steps, resume=resume)
+        adapted=adapted, save_steps=save_steps, resume=resume,
+        eval_dataset_dir=eval_dataset.folder if eval_dataset else "",
+        eval_columns=list(eval_dataset.columns) if eval_dataset else None)
     return Plan(run_dir=run_dir, layout=L, steps=steps, params_total=total_params(exp.model),
-                params_trainable=trainable_params(exp.model, exp.phase.lora) if exp.phase.run_mode != "predict" else 0,
+                params_trainable=trainable_params(exp.model, exp.phase.lora) if exp.phase.trains else 0,
                 memory=memory or estimate_memory(exp, L), throughput=throughput, mindformers=cfg,
                 adaptations=list(adapted.notes), env=run_env(exp, resume), save_steps=save_steps)

@@ -19,7 +19,7 @@ from qwen15_exp.lifecycle import first_line, run_status
 
 COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
            "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits",
-           "failure_class", "reason"]
+           "loss", "eval_loss", "perplexity", "failure_class", "reason"]
 
 
 def _ratio(a, b):
@@ -38,6 +38,9 @@ def row_of(job: str, result: dict) -> dict:
     estimated = est.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
     got = measured.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
     mem = plan.get("memory") or {}
+    evals = measured.get("eval") or []
+    eval_loss = evals[-1]["loss"] if evals else measured.get("eval_loss")
+    perplexity = evals[-1]["PPL"] if evals else measured.get("perplexity")
     return {
         "job": job, "experiment": result.get("experiment"), "model": result.get("model"),
         "phase": result.get("phase"), "parallel": result.get("parallel"), "hardware": result.get("hardware"),
@@ -47,6 +50,12 @@ def row_of(job: str, result: dict) -> dict:
         "est/meas": _ratio(estimated, got),
         "memory_gb": round(mem["total_gb"], 2) if mem else None,
         "budget_gb": mem.get("budget_gb"), "fits": mem.get("fits"),
+        "loss": round(measured["last_loss"], 4) if measured.get("last_loss") is not None else None,
+        "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+        "perplexity": round(perplexity, 3) if perplexity is not None else None,
+        # the curves for the plot (not columns)
+        "_loss_curve": list(zip(measured.get("step_numbers") or [], measured.get("loss") or [])),
+        "_eval_curve": [(e["step"], e["loss"]) for e in evals],
         "failure_class": result.get("failure_class") or ("killed" if result.get("status") == "killed" else None),
         "reason": result.get("reason") or (first_line(result.get("error", "")) or None),
     }
@@ -104,7 +113,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     labels = [f"{r['job']}:{r['model']} {r['phase']}\n{r['parallel']}" for r in rows]
     series = [("published", "published", "#4c72b0"), ("estimated", "estimated", "#dd8452"),
               ("measured", "measured", "#55a868")]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    curves = any(r["_eval_curve"] for r in rows)
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(max(6, 0.9 * len(rows) + 2) + (6 if curves else 0), 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
     width = 0.27
     for i, (key, name, color) in enumerate(series):
         xs = [j + (i - 1) * width for j in range(len(rows))]
@@ -117,6 +129,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("tokens/s (per device for training)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    if curves:                             # training and eval loss of every job that evaluated
+        lc = axes[0][1]
+        for r in rows:
+            if r["_eval_curve"]:
+                line = lc.plot(*zip(*r["_loss_curve"]), lw=1, label=f"{r['job']} train") if r["_loss_curve"] else None
+                color = line[0].get_color() if line else None
+                lc.plot(*zip(*r["_eval_curve"]), "o--", color=color, label=f"{r['job']} eval")
+        lc.set_xlabel("step")
+        lc.set_ylabel("loss")
+        lc.set_title("loss (eval: phase.eval)", fontsize=10)
+        lc.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -130,7 +153,7 @@ def write_report(sweep_dir: Path, title: str | None = None) -> list[Path]:
         return []
     title = title or f"qwen15_exp sweep {sweep_dir}"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     paths = [write_text(sweep_dir / "sweep_report.md", markdown(rows, title)),

@@ -53,9 +53,22 @@ def measured_from_logs(run_dir, ranks: int, tokens_per_step: int, first_step_s, 
     times = [max(r[s]["step_s"] for r in by_step) for s in steps]
     figures = measured_figures(losses, times, tokens_per_step, ranks, first_step_s, train_call_s, peak_rss_mb)
     figures["step_numbers"] = steps
+    evals = eval_log(run_dir)
+    if evals:
+        figures["eval"] = evals
     if ranks > 1:
         figures["ranks"] = [{"rank": i, "loss": [r[s]["loss"] for s in steps]} for i, r in enumerate(by_step)]
     return figures
+
+
+def eval_log(run_dir, rank: int = 0) -> list[dict]:
+    """The evaluations of a run, oldest first (mindformers_ext.TokenPerplexity appends one per evaluation)."""
+    import json
+    from pathlib import Path
+    path = Path(run_dir) / f"eval_rank{rank}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
 def summary_text(result: dict) -> str:
@@ -91,6 +104,12 @@ def summary_text(result: dict) -> str:
         if m.get("tokens_per_s"):
             lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s   "
                          f"first step at {m['time_to_first_step_s']:.1f} s   wall {result['wall_time_s']:.1f} s")
+    for e in m.get("eval") or []:
+        lines.append(f"  eval after step {e['step']}: loss {e['loss']:.4f}   perplexity {e['PPL']:,.2f}   "
+                     f"({e['tokens']:,} tokens)")
+    if "perplexity" in m:
+        lines.append(f"  eval: perplexity {m['perplexity']:,.4f}   mean loss {m['eval_loss']:.4f}   "
+                     f"{m['eval_tokens']:,} tokens scored in {m['eval_rows']} rows")
     if result.get("generated"):
         lines.append(f"  generated {m['generated_tokens']} tokens at {m['tokens_per_s']} tokens/s "
                      f"(weights: {m['weights']})")

@@ -26,19 +26,35 @@ from qwen15_exp.weights.checkpoint import resolve_checkpoint
 
 
 def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
-    """The MindRecord the run trains on: a raw file prepared (and cached), or a given MindRecord."""
+    """The MindRecord the run trains on (or phase=eval scores): a raw file prepared (and cached), or a given
+    MindRecord; rows of seq_length+1 tokens."""
     if exp.phase.run_mode == "predict" or exp.data.format == "none":
         return None
-    if exp.data.format == "mindrecord":
+    return dataset_of(exp.data, exp.data.seq_length + 1, "data", show_progress)
+
+
+def prepare_eval_dataset(exp, show_progress: bool = True) -> Dataset | None:
+    """The dataset evaluated during training: phase.eval.input prepared like the training data, in rows of
+    seq_length tokens (the width the training network takes in eval mode)."""
+    if not (exp.phase.trains and exp.phase.eval.every_steps):
+        return None
+    from dataclasses import replace
+    src = exp.phase.eval.input
+    fmt = "mindrecord" if (Path(src).is_dir() or ".mindrecord" in Path(src).name) else exp.data.format
+    return dataset_of(replace(exp.data, input=src, format=fmt), exp.data.seq_length, "phase.eval", show_progress)
+
+
+def dataset_of(data, width: int, what: str, show_progress: bool) -> Dataset:
+    if data.format == "mindrecord":
         from qwen15_exp.data.mindrecord import inspect_mindrecord
-        folder, columns, rows, width = inspect_mindrecord(Path(exp.data.input))
-        if width != exp.data.seq_length + 1:
-            raise UserError(f"{exp.data.input} holds rows of {width} tokens, but data.seq_length="
-                            f"{exp.data.seq_length} needs {exp.data.seq_length + 1}; set data.seq_length={width - 1}")
+        folder, columns, rows, got = inspect_mindrecord(Path(data.input))
+        if got != width:
+            raise UserError(f"{data.input} holds rows of {got} tokens, but {what} needs rows of {width} "
+                            f"(data.seq_length={data.seq_length}); prepare it again with that width")
         return Dataset(str(folder), tuple(columns), rows)
     from qwen15_exp.data.prepare import prepare, summary_lines
-    prepared = prepare(exp.data, exp.data.seq_length, show_progress=show_progress)
-    print(f"data: {'reused the cached' if prepared.reused else 'prepared'} MindRecord {prepared.folder}")
+    prepared = prepare(data, width - 1, show_progress=show_progress)
+    print(f"{what}: {'reused the cached' if prepared.reused else 'prepared'} MindRecord {prepared.folder}")
     for line in summary_lines(prepared.summary):
         print(f"  {line}")
     return Dataset(str(prepared.folder), tuple(prepared.summary["columns"]), prepared.rows)
@@ -65,6 +81,11 @@ def dump_yaml(obj) -> str:
 
 def launch(plan, exp, yaml_path: Path, request) -> dict:
     """The launch step: in this process (Trainer or generate) or through msrun."""
+    if plan.launcher == "local" and exp.phase.run_mode == "eval":
+        from qwen15_exp.launch.local import run_local
+        launched = run_local(plan, yaml_path, request)
+        return {"measured": {**final_eval(plan.run_dir), "seconds": round(launched["train_call_s"], 3),
+                             "peak_rss_mb": round(launched["peak_rss_mb"], 1)}}
     if plan.launcher == "local" and exp.phase.run_mode == "predict":
         from qwen15_exp.launch.local import run_predict
         measured, generated = run_predict(plan, exp)
@@ -74,6 +95,15 @@ def launch(plan, exp, yaml_path: Path, request) -> dict:
         return run_local(plan, yaml_path, request)
     from qwen15_exp.launch.msrun import run_msrun
     return run_msrun(plan, exp, yaml_path, request)
+
+
+def final_eval(run_dir: Path) -> dict:
+    from qwen15_exp.result import eval_log
+    records = eval_log(run_dir)
+    if not records:
+        raise RuntimeError(f"the evaluation wrote no figures ({Path(run_dir) / 'eval_rank0.jsonl'} is missing)")
+    r = records[-1]
+    return {"eval_loss": r["loss"], "perplexity": r["PPL"], "eval_tokens": r["tokens"], "eval_rows": r["batches"]}
 
 
 def training_figures(plan, launched: dict, t_ref: float) -> dict:
@@ -132,8 +162,9 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, sh
         from qwen15_exp.resume import resume_point
         resume = resume_point(exp, run_dir, layout)
     dataset = prepare_dataset(exp, show_progress) if layout.executes else None
+    eval_dataset = prepare_eval_dataset(exp, show_progress) if layout.executes else None
     resolve_checkpoint(exp, layout.devices, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
-    plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume)
+    plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume, eval_dataset=eval_dataset)
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
     if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
@@ -151,7 +182,7 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, sh
 
 def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> None:
     """Launch with result.json saying `running` meanwhile; SIGINT/SIGTERM stop at a step, checkpointed."""
-    run_dir, train = Path(plan.run_dir), exp.phase.run_mode != "predict"
+    run_dir, train = Path(plan.run_dir), exp.phase.trains
     write_json(run_dir / "result.json", {**result, "status": "running", "pid": os.getpid()})
     launched = {}
     try:

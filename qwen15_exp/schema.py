@@ -24,7 +24,8 @@ def choices(name: str, *values: str) -> type[StrEnum]:
 
 
 DType = choices("DType", "float32", "float16", "bfloat16")
-RunMode = choices("RunMode", "train", "finetune", "predict")
+RunMode = choices("RunMode", "train", "finetune", "predict", "eval")
+TRAINING_RUN_MODES = ("train", "finetune")
 DataFormat = choices("DataFormat", "alpaca", "chatml", "wiki", "mindrecord", "none")
 LaunchMode = choices("LaunchMode", "auto", "local", "msrun", "plan")
 # "auto" only in the hardware=auto profile, replaced before anything reads it
@@ -156,6 +157,14 @@ class Lora:
 
 
 @dataclass
+class EvalOptions:
+    """Evaluation during training: perplexity on `input` (a file in data.format, or a MindRecord of rows of
+    data.seq_length tokens) every `every_steps` steps, through MindFormers' do_eval."""
+    every_steps: Optional[int] = None
+    input: str = ""
+
+
+@dataclass
 class Generation:
     use_past: bool = False
     is_dynamic: bool = False
@@ -174,7 +183,12 @@ class Generation:
 
 @dataclass
 class PhaseConfig:
-    """What the run does: pretrain, finetune or predict (chat = predict + the ChatML template)."""
+    """What the run does: pretrain, finetune, predict (chat = predict + the ChatML template) or eval."""
+
+    @property
+    def trains(self) -> bool:
+        return self.run_mode in TRAINING_RUN_MODES
+
     name: str = MISSING
     run_mode: RunMode = MISSING           # MindFormers run_mode
     chat: bool = False
@@ -194,6 +208,7 @@ class PhaseConfig:
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
     lora: Optional[Lora] = None           # phase=lora: adapters only; None: every weight trains
     generation: Generation = field(default_factory=Generation)
+    eval: EvalOptions = field(default_factory=EvalOptions)
     use_flash_attention: bool = True
     load_checkpoint: str = ""             # a MindFormers checkpoint file or rank_* folder
     adapter: str = ""                     # LoRA on top of load_checkpoint: a PEFT folder or a phase=lora run dir

@@ -64,8 +64,17 @@ def check_ranges(exp) -> list[Problem]:
         except re.error as e:
             out.append(Problem("phase", "phase.lora.target_modules", f"{lora.target_modules!r} is not a regex: {e}",
                                "use MindFormers' form, e.g. '.*wq|.*wk|.*wv|.*wo'"))
+    ev = exp.phase.eval
+    if ev.every_steps is not None and (ev.every_steps < 1 or not ev.input):
+        out.append(Problem("phase", "phase.eval", f"every_steps={ev.every_steps}, input={ev.input!r}",
+                           "evaluate during training with phase.eval.every_steps=<N> (N >= 1) and "
+                           "phase.eval.input=<a file in data.format, or a MindRecord of data.seq_length-token rows>"))
+    elif ev.input and not Path(ev.input).exists():
+        out.append(Problem("phase", "phase.eval.input", f"{ev.input} not found", "give an existing file or folder"))
+    if exp.phase.run_mode == "eval" and not exp.phase.load_checkpoint:
+        out.append(Problem("phase", "phase.load_checkpoint", "phase=eval scores a model, but none is given",
+                           "set phase.load_checkpoint=<checkpoint file or Hugging Face folder>"))
     if exp.phase.adapter:
-        from pathlib import Path
         if not Path(exp.phase.adapter).exists():
             out.append(Problem("phase", "phase.adapter", f"{exp.phase.adapter} not found",
                                "give a PEFT folder (adapter_config.json) or the dir of a phase=lora run"))

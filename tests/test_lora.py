@@ -122,7 +122,7 @@ def check_peft_round_trip(tmp_path, run_dir, base_file, merged):
     from transformers import Qwen2ForCausalLM
 
     from conftest import run_cli
-    from qwen15_exp.weights.lora import with_adapters
+    from qwen15_exp.weights.adapters import with_adapters
     peft_dir, hf_base = tmp_path / "peft_adapter", tmp_path / "hf_base"
     r = run_cli(["direction=lora_peft", f"input={run_dir}", f"output={peft_dir}", "progress=false"], tmp_path,
                 module="qwen15_exp.convert")

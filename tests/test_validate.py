@@ -89,7 +89,7 @@ def test_bad_numbers(override, key):
 
 
 @pytest.mark.parametrize("override,allowed", [
-    ("phase.run_mode=training", "[train, finetune, predict]"),
+    ("phase.run_mode=training", "[train, finetune, predict, eval]"),
     ("phase.precision.compute=fp8", "[float32, float16, bfloat16]"),
     ("data.format=parquet", "[alpaca, chatml, wiki, mindrecord, none]"),
     ("launch.mode=slurm", "[auto, local, msrun, plan]")])

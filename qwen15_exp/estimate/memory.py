@@ -185,7 +185,7 @@ def _estimate(exp, layout, adapted) -> MemoryEstimate:
     adapters = n_train if ph.lora is not None else 0
     w_bytes = DTYPE_BYTES[adapted.precision["param_init"]]
     act_bytes = DTYPE_BYTES[adapted.precision["compute"]]
-    training = ph.run_mode != "predict"
+    training = ph.trains
     # MindSpore's parallel optimizer keeps only a 1/dp slice of every weight, its gradient and its
     # optimizer state on each device (weights are all-gathered for compute, gradients reduce-scattered)
     shard = layout.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
@@ -193,7 +193,7 @@ def _estimate(exp, layout, adapted) -> MemoryEstimate:
     grads = n_train * w_bytes / shard if training else 0
     optimizer = n_train * 8 / shard if training else 0
     acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes) if training else 0
-    kv = kv_cache_bytes(exp, layout, act_bytes) if not training else 0
+    kv = kv_cache_bytes(exp, layout, act_bytes) if ph.run_mode == "predict" else 0
     if not training:                                # prefill of one sequence, no stored activations
         acts = 4 * exp.data.seq_length * exp.model.vocab_size / layout.model_parallel
     total = weights + grads + optimizer + acts + kv

@@ -152,4 +152,6 @@ def estimate_throughput(exp, layout=None) -> ThroughputEstimate | None:
         return None
     if exp.phase.run_mode == "predict":
         return estimate_predict(exp, layout)
+    if not exp.phase.trains:                  # eval: no throughput model for a forward-only pass yet
+        return None
     return estimate_train(exp, layout)

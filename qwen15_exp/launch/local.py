@@ -48,8 +48,18 @@ def run_mindformers(yaml_path: Path, callbacks=None):
     set_output_path(config.output_dir)
     build_context(config)
     trainer = Trainer(config, callbacks=callbacks)
+    if config.run_mode == "eval":          # the metric writes its figures (mindformers_ext.TokenPerplexity)
+        return evaluate(trainer, config)
     # run_mindformer.py calls train() for both train and finetune; finetune() would drop load_checkpoint
     return trainer.train()
+
+
+def evaluate(trainer, config):
+    """Trainer.evaluate on the configured weights: without `eval_checkpoint` it drops load_checkpoint and
+    scores a randomly initialised network."""
+    if not config.load_checkpoint:
+        raise ValueError("phase=eval needs weights (load_checkpoint is empty)")
+    return trainer.evaluate(eval_checkpoint=str(config.load_checkpoint))
 
 
 def peak_rss_mb() -> float:

@@ -105,6 +105,10 @@ def main(argv=None) -> None:
     if config.run_mode == "predict":
         write_json(run_dir / f"rank_{rank_id()}.json", predict(config, run_dir))
         return
+    if config.run_mode == "eval":         # figures in eval_rank<r>.jsonl (mindformers_ext.TokenPerplexity)
+        from qwen15_exp.launch.local import evaluate
+        evaluate(Trainer(config), config)
+        return
     import resource
 
     from qwen15_exp.lifecycle import StopRequest, stop_on_signals

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from qwen15_exp.paths import cache_root
+from qwen15_exp.paths import weights_cache_dir
 from qwen15_exp.weights.check import check_fits, is_hf_folder
 
 
@@ -23,10 +23,6 @@ def checkpoint_format(path: str) -> str:
     if p.is_dir() and not any(p.rglob("*.ckpt")) and any(p.rglob("*.safetensors")):
         return "safetensors"
     return "ckpt"
-
-
-def weights_cache_dir() -> Path:
-    return cache_root() / "weights"
 
 
 def converted_path(hf_folder: Path) -> Path:
@@ -72,7 +68,7 @@ def resolve_checkpoint(exp, devices: int, show_progress: bool = True) -> None:
         check_fits(path, exp.model)
         path = mindformers_weights(path, show_progress)
         if exp.phase.adapter:
-            from qwen15_exp.weights.lora import with_adapters
+            from qwen15_exp.weights.adapters import with_adapters
             # a LoRA run trains the adapters on; every other phase uses them merged (proven equal)
             path = with_adapters(path, exp.phase.adapter, exp.phase.lora)
         if devices == 1:
