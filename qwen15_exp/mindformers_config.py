@@ -252,6 +252,8 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
                                           "eos_token": eos_token(ph.chat), "pad_token": eos_token(False)}}
         if adapted.numpy_sampling:
             cfg["postprocess_use_numpy"] = True
+        if ph.export:                     # read by qwen15_exp's worker: export instead of generating
+            cfg["export_mindir"] = True
     cfg = merged(cfg, dict(exp.mindformers))
     if "train_dataset" in cfg:             # one section, as the recipes' YAML anchor makes it
         cfg["train_dataset_task"]["dataset_config"] = copy.deepcopy(cfg["train_dataset"])

@@ -110,6 +110,11 @@ def summary_text(result: dict) -> str:
     if "perplexity" in m:
         lines.append(f"  eval: perplexity {m['perplexity']:,.4f}   mean loss {m['eval_loss']:.4f}   "
                      f"{m['eval_tokens']:,} tokens scored in {m['eval_rows']} rows")
+    if m.get("mindir"):
+        check = m.get("check")
+        lines.append(f"  exported MindIR ({m['mindir_mb']:,.1f} MB): " + ", ".join(m["mindir"]))
+        lines.append(f"  reloaded with mindspore.load + nn.GraphCell: max |logits - eager| = {check['max_abs_diff']:.2e}"
+                     if check else "  not reloaded here (KV-cache graphs run on Ascend only)")
     if result.get("generated"):
         lines.append(f"  generated {m['generated_tokens']} tokens at {m['tokens_per_s']} tokens/s "
                      f"(weights: {m['weights']})")

@@ -86,6 +86,9 @@ def launch(plan, exp, yaml_path: Path, request) -> dict:
         launched = run_local(plan, yaml_path, request)
         return {"measured": {**final_eval(plan.run_dir), "seconds": round(launched["train_call_s"], 3),
                              "peak_rss_mb": round(launched["peak_rss_mb"], 1)}}
+    if plan.launcher == "local" and exp.phase.export:
+        from qwen15_exp.launch.export import run_export
+        return {"measured": run_export(plan, exp)}
     if plan.launcher == "local" and exp.phase.run_mode == "predict":
         from qwen15_exp.launch.local import run_predict
         measured, generated = run_predict(plan, exp)
@@ -167,7 +170,11 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, sh
     plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume, eval_dataset=eval_dataset)
     yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
     write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
-    if exp.phase.run_mode == "predict":        # the YAML's processor names tokenizer.json, beside it
+    if exp.phase.export:
+        if exp.hardware.device_target == "Ascend":     # MindSpore Lite's GE options, for the exported graphs
+            from qwen15_exp.launch.export import lite_ini
+            write_text(run_dir / "lite.ini", lite_ini(exp.launch.rank_table))
+    elif exp.phase.run_mode == "predict":      # the YAML's processor names tokenizer.json, beside it
         write_predict_files(plan, exp)
     result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),
                   versions=versions(), measured=None, resumed_from_step=resume.step if resume else None)

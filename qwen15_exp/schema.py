@@ -192,6 +192,7 @@ class PhaseConfig:
     name: str = MISSING
     run_mode: RunMode = MISSING           # MindFormers run_mode
     chat: bool = False
+    export: bool = False                  # phase=export: write MindIR for MindSpore Lite instead of generating
     seed: int = 42
     batch_size: int = 1                   # runner_config.batch_size: per data-parallel rank, per micro batch
     epochs: int = 1
@@ -284,6 +285,7 @@ class LaunchConfig:
     stop_grace_s: float = 120.0           # after SIGINT/SIGTERM: time the workers get to checkpoint and exit
     join: bool = False
     node_rank: Optional[int] = None       # set on a cluster node to run that node's share
+    rank_table: str = ""                  # an HCCL rank table (hccl.json): per-device processes instead of msrun
 
 
 @dataclass

@@ -74,6 +74,9 @@ def check_ranges(exp) -> list[Problem]:
     if exp.phase.run_mode == "eval" and not exp.phase.load_checkpoint:
         out.append(Problem("phase", "phase.load_checkpoint", "phase=eval scores a model, but none is given",
                            "set phase.load_checkpoint=<checkpoint file or Hugging Face folder>"))
+    if exp.phase.export and exp.phase.run_mode != "predict":
+        out.append(Problem("phase", "phase.export", f"export of a {exp.phase.run_mode} phase",
+                           "use phase=export (the predict network, written as MindIR)"))
     if exp.phase.adapter:
         if not Path(exp.phase.adapter).exists():
             out.append(Problem("phase", "phase.adapter", f"{exp.phase.adapter} not found",
@@ -289,6 +292,10 @@ def validate(exp, layout=None, memory=None) -> list[Problem]:
     problems += check_devices(exp, L)
     problems += check_model_vs_parallel(exp, L)
     problems += check_lora_targets(exp)
+    if exp.phase.export and L.devices > 1:
+        problems.append(Problem("parallel", "parallel", f"phase=export on {L.devices} devices ({L.terms})",
+                                "export on one device (parallel=single); qwen15_exp does not write sharded MindIR "
+                                "(the seed's multi-card export needs MindFormers' distributed predict network)"))
     if not problems:
         problems += check_memory(exp, L, memory or estimate_memory(exp, L))
     problems += check_files(exp, L)

@@ -102,6 +102,13 @@ def main(argv=None) -> None:
         config.src_strategy_path_or_dir, config.auto_trans_ckpt = args.src_strategy, True
     set_output_path(config.output_dir)
     build_context(config)
+    if config.get("export_mindir"):
+        from qwen15_exp.launch.export import export_mindir
+        from qwen15_exp.launch.generate import Generator
+        network = Generator(config, config.load_checkpoint, quiet=True).model
+        files = export_mindir(network, config.model.model_config, run_dir / "output", rank_id())
+        write_json(run_dir / f"rank_{rank_id()}.json", {"mindir": [str(f) for f in files]})
+        return
     if config.run_mode == "predict":
         write_json(run_dir / f"rank_{rank_id()}.json", predict(config, run_dir))
         return
