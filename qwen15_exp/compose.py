@@ -106,6 +106,7 @@ def absolutize_paths(exp: Experiment, base: str | None = None) -> Experiment:
     absolutize_data(exp.data, base)
     exp.phase.load_checkpoint = absolute_path(exp.phase.load_checkpoint, base)
     exp.phase.adapter = absolute_path(exp.phase.adapter, base)
+    exp.launch.rank_table = absolute_path(exp.launch.rank_table, base)
     exp.phase.eval.input = absolute_path(exp.phase.eval.input, base)
     return exp
 

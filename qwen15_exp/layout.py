@@ -72,6 +72,9 @@ def choose_launcher(exp, n_devices: int, n_nodes: int) -> tuple[str, bool, str]:
     hw = exp.hardware
     if exp.launch.mode == "plan":
         return "plan", False, "launch.mode=plan: files written, nothing executed"
+    if exp.launch.rank_table:
+        return "plan", False, ("launch.rank_table: one script per server starts a worker per device of the table; "
+                               "run them on the servers")
     if hw.device_target == "CPU":
         if n_devices > 1 or exp.launch.mode == "msrun":
             return "msrun", True, f"{n_devices} CPU workers started by msrun on this machine"

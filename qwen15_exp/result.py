@@ -122,8 +122,9 @@ def summary_text(result: dict) -> str:
             lines.append(f"  > {g['prompt']!r} -> {g['text'][:120]!r}")
     if result["status"] == "planned":
         lines.append("  NOTHING WAS EXECUTED. On the cluster, from a copy of the run dir on every node:")
+        master = "" if result.get("launch_by") == "rank_table" else "MASTER_ADDR=<node 0 address> "
         for i, script in enumerate(result.get("launch_scripts", [])):
-            lines.append(f"    node {i}: MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash {shlex.quote(script)}")
+            lines.append(f"    node {i}: {master}TRAIN_DATA=<dataset dir> bash {shlex.quote(script)}")
         if result.get("phase") != "predict" and result.get("launch_scripts"):
             lines.append("  to continue after a stop, add RESUME=<run dir>/output/checkpoint (and SRC_STRATEGY=<its "
                          "output/strategy> if the layout changed)")

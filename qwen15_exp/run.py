@@ -181,6 +181,7 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, sh
     if not plan.executes:
         from qwen15_exp.launch.msrun import write_launch_files
         result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
+        result["launch_by"] = "rank_table" if exp.launch.rank_table else "msrun"
         result["status"] = "planned"
     else:
         execute(plan, exp, yaml_path, result, request, t_ref)

@@ -248,6 +248,22 @@ def check_files(exp, L) -> list[Problem]:
     return out
 
 
+def check_rank_table(exp, L) -> list[Problem]:
+    if not exp.launch.rank_table:
+        return []
+    if exp.hardware.device_target != "Ascend":
+        return [Problem("launch", "launch.rank_table", f"an HCCL rank table with hardware={exp.hardware.name}",
+                        "rank tables are for Ascend servers; leave launch.rank_table empty (msrun) on CPU")]
+    from qwen15_exp.launch.rank_table import read_rank_table, table_problems
+    try:
+        issues = table_problems(read_rank_table(exp.launch.rank_table), L)
+    except UserError as e:
+        return [Problem("launch", "launch.rank_table", str(e), "give the job's hccl.json")]
+    return [Problem("launch", "launch.rank_table", issue,
+                    "use the table of this job's servers, or change parallel.* / parallel.nodes to match it")
+            for issue in issues]
+
+
 def check_tokenizer(exp, L) -> list[Problem]:
     from qwen15_exp.data.tokenizer import tokenizer_files
     needs_tokenizer = exp.data.format in ("alpaca", "chatml", "wiki") or exp.phase.run_mode == "predict"
@@ -299,6 +315,7 @@ def validate(exp, layout=None, memory=None) -> list[Problem]:
     if not problems:
         problems += check_memory(exp, L, memory or estimate_memory(exp, L))
     problems += check_files(exp, L)
+    problems += check_rank_table(exp, L)
     problems += check_tokenizer(exp, L)
     return problems
 

@@ -71,8 +71,14 @@ def node_script(plan, exp, node_rank: int) -> str:
 
 
 def write_launch_files(plan, exp) -> list[Path]:
+    """worker.py and launch_node<R>.sh per node: msrun, or a worker per device of launch.rank_table."""
     run_dir = Path(plan.run_dir)
     write_text(run_dir / "worker.py", WORKER_STUB)
+    if exp.launch.rank_table:
+        from qwen15_exp.launch import rank_table
+        servers = rank_table.read_rank_table(exp.launch.rank_table)
+        return [write_text(run_dir / f"launch_node{r}.sh", rank_table.node_script(plan, exp, r, servers), mode=0o755)
+                for r in range(len(servers))]
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
                for r in range(plan.layout.nodes)]
     return scripts

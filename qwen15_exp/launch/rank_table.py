@@ -1,0 +1,184 @@
+"""Launch from an HCCL rank table (hccl.json), for clusters that hand one out (ModelArts, older Ascend setups)
+instead of running msrun: one process per device, each told RANK_TABLE_FILE, RANK_ID, DEVICE_ID and RANK_SIZE.
+
+The table (MindFormers' hccl_tools.py writes it; ModelArts puts it at /user/config/jobstart_hccl.json):
+    {"version": "1.0", "server_count": "2", "status": "completed",
+     "server_list": [{"server_id": "10.0.0.1", "host_nic_ip": "reserve",
+                      "device": [{"device_id": "0", "device_ip": "192.1.27.6", "rank_id": "0"}, ...]}, ...]}
+It is checked against the layout (servers = nodes, devices per server, ranks 0..n-1) before anything is
+written. `python -m qwen15_exp.launch.rank_table` builds one from `hccn_tool` as hccl_tools.py does.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen15_exp.errors import UserError
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: int
+    device_ip: str
+    rank_id: int
+
+
+@dataclass(frozen=True)
+class Server:
+    server_id: str
+    devices: tuple
+
+
+def read_rank_table(path: str) -> list[Server]:
+    """The servers of a rank table, devices in rank order; a malformed table is a UserError naming the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"launch.rank_table={path}: no such file; give the hccl.json of the job")
+    try:
+        table = json.loads(p.read_text())
+        servers = [Server(str(s["server_id"]), tuple(sorted(
+            (Device(int(d["device_id"]), str(d.get("device_ip", "")), int(d["rank_id"])) for d in s["device"]),
+            key=lambda d: d.rank_id))) for s in table["server_list"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"launch.rank_table={path} is not an HCCL rank table ({type(e).__name__}: {e}); it needs "
+                        "server_list[].server_id and server_list[].device[].device_id/rank_id") from None
+    if str(table.get("server_count", len(servers))) != str(len(servers)):
+        raise UserError(f"launch.rank_table={path}: server_count says {table.get('server_count')} but server_list "
+                        f"holds {len(servers)} servers")
+    return servers
+
+
+def table_problems(servers: list[Server], layout) -> list[str]:
+    """How the table disagrees with the layout (empty when it agrees)."""
+    out = []
+    if len(servers) != layout.nodes:
+        out.append(f"the table has {len(servers)} servers, the layout {layout.nodes} nodes ({layout.terms})")
+    for s in servers:
+        if len(s.devices) != layout.devices_here:
+            out.append(f"server {s.server_id} has {len(s.devices)} devices, the layout {layout.devices_here} per node")
+        ids = [d.device_id for d in s.devices]
+        if len(set(ids)) != len(ids):
+            out.append(f"server {s.server_id} lists a device_id twice: {ids}")
+    ranks = sorted(d.rank_id for s in servers for d in s.devices)
+    if ranks != list(range(len(ranks))):
+        out.append(f"rank_ids must be 0..{len(ranks) - 1}, each once; the table has {ranks}")
+    if len(ranks) != layout.devices:
+        out.append(f"the table has {len(ranks)} devices, the layout {layout.devices}")
+    return out
+
+
+def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
+    """One node's script: a worker per device of that server, each with its rank and device, in the
+    background; the script waits for all of them and exits with the first failure's status. A stop signal
+    is passed on to every worker (they checkpoint and exit)."""
+    q = shlex.quote
+    server = servers[node_rank]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# node {int(node_rank)} of {len(servers)} (rank table): {len(server.devices)} devices here, "
+        f"{int(plan.layout.devices)} in all. RANK_TABLE_FILE overrides the planned table; PYTHON the interpreter.",
+        "set -uo pipefail",
+        'cd "$(dirname "$0")"',
+    ]
+    names = {"QWEN15_EXP_EXPERIMENT": exp.experiment_name, "QWEN15_EXP_MODEL": exp.model.name,
+             "QWEN15_EXP_PHASE": exp.phase.name, "QWEN15_EXP_LAYOUT": plan.layout.name,
+             "QWEN15_EXP_HARDWARE": exp.hardware.name, "QWEN15_EXP_SERVER_ID": server.server_id}
+    for k, v in {**names, **dict(sorted(plan.env.items()))}.items():
+        lines.append(f"export {k}={q(str(v))}")
+    lines += [f'export RANK_TABLE_FILE="${{RANK_TABLE_FILE:-{q(str(Path(exp.launch.rank_table).resolve()))}}}"',
+              f"export RANK_SIZE={int(plan.layout.devices)}",
+              'PYTHON="${PYTHON:-python}"', "mkdir -p rank_log", "pids=()",
+              "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null' INT TERM"]
+    for d in server.devices:
+        lines.append(f'RANK_ID={d.rank_id} DEVICE_ID={d.device_id} "$PYTHON" worker.py --config mindformers.yaml '
+                     f'${{TRAIN_DATA:+--train_dataset_dir "$TRAIN_DATA"}} '
+                     f'${{LOAD_CHECKPOINT:+--load_checkpoint "$LOAD_CHECKPOINT"}} ${{RESUME:+--resume "$RESUME"}} '
+                     f'> rank_log/rank_{d.rank_id}.log 2>&1 &')
+        lines.append("pids+=($!)")
+    lines += ["status=0",
+              'for pid in "${pids[@]}"; do wait "$pid"; rc=$?; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then '
+              'status=$rc; fi; done',
+              'exit "$status"']
+    return "\n".join(lines) + "\n"
+
+
+# ---- building a table from hccn_tool, as MindFormers' hccl_tools.py does ----
+
+def parse_device_range(text: str) -> list[int]:
+    """"[0,8)" -> [0..7] (hccl_tools.py's --device_num)."""
+    m = re.fullmatch(r"\s*\[\s*(\d+)\s*,\s*(\d+)\s*\)\s*", text)
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise UserError(f"--device_num {text!r}: write a half-open range like \"[0,8)\"")
+    return list(range(int(m.group(1)), int(m.group(2))))
+
+
+def device_ip(device_id: int, hccn_tool: str = "hccn_tool") -> str:
+    """The device's RoCE address from `hccn_tool -i <id> -ip -g` (a line `ipaddr:<ip>`)."""
+    try:
+        out = subprocess.run([hccn_tool, "-i", str(device_id), "-ip", "-g"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UserError(f"{hccn_tool} -i {device_id} -ip -g failed ({e}); run this on the Ascend server, or give "
+                        "--hccn_tool the tool's path") from None
+    m = re.search(r"ipaddr:\s*([0-9.]+)", out)
+    if not m:
+        raise UserError(f"{hccn_tool} -i {device_id} -ip -g printed no ipaddr: {out.strip()[:200]!r}")
+    return str(ipaddress.ip_address(m.group(1)))
+
+
+def build_table(server_ip: str, devices: list[int], hccn_tool: str = "hccn_tool") -> dict:
+    return {"version": "1.0", "server_count": "1",
+            "server_list": [{"server_id": server_ip, "host_nic_ip": "reserve",
+                             "device": [{"device_id": str(d), "device_ip": device_ip(d, hccn_tool), "rank_id": str(i)}
+                                        for i, d in enumerate(devices)]}],
+            "status": "completed"}
+
+
+def merge_tables(tables: list[dict]) -> dict:
+    """Several one-server tables -> one table, ranks renumbered in server order (MindFormers' merge_hccl.py)."""
+    servers, rank = [], 0
+    for t in tables:
+        for s in t["server_list"]:
+            devices = []
+            for d in s["device"]:
+                devices.append({**d, "rank_id": str(rank)})
+                rank += 1
+            servers.append({**s, "device": devices})
+    return {"version": "1.0", "server_count": str(len(servers)), "server_list": servers, "status": "completed"}
+
+
+def main(argv=None) -> int:
+    from qwen15_exp.atomic import write_json
+    ap = argparse.ArgumentParser(prog="python -m qwen15_exp.launch.rank_table",
+                                 description="Build an HCCL rank table from hccn_tool, or merge per-server tables.")
+    ap.add_argument("--device_num", default="[0,8)", help='devices of this server, e.g. "[0,8)"')
+    ap.add_argument("--server_ip", help="this server's address (the table's server_id)")
+    ap.add_argument("--hccn_tool", default="hccn_tool")
+    ap.add_argument("--merge", nargs="+", metavar="TABLE", help="merge these one-server tables instead")
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.merge:
+            table = merge_tables([json.loads(Path(p).read_text()) for p in args.merge])
+        else:
+            if not args.server_ip:
+                raise UserError("--server_ip is required to build a table (this server's address)")
+            table = build_table(args.server_ip, parse_device_range(args.device_num), args.hccn_tool)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    write_json(args.output, table)
+    n = sum(len(s["device"]) for s in table["server_list"])
+    print(f"wrote {args.output}: {table['server_count']} server(s), {n} devices")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
