@@ -30,6 +30,13 @@ class ChatSession:
     history: list = field(default_factory=list)
     gen_kwargs: dict = field(default_factory=dict)
     out: object = sys.stdout
+    transcript: object = None             # a path: every turn appended as a JSON line
+
+    def __post_init__(self):
+        # generation ends where the answer ends: at <|im_end|> or a new <|im_start|>, whatever eos says
+        eos = self.gen_kwargs.get("eos_token_id") or []
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        self.gen_kwargs = {**self.gen_kwargs, "eos_token_id": eos + [t for t in (IM_END_ID, IM_START_ID) if t not in eos]}
 
     @property
     def max_window_size(self) -> int:
@@ -54,11 +61,23 @@ class ChatSession:
                 printed[0] = len(text)
 
         new_ids, seconds = self.generator.generate(prompt, self.max_new_tokens, on_token=on_token, **self.gen_kwargs)
-        answer = self.tokenizer.decode(cut_at_stop(new_ids)).strip()
+        answer_ids = cut_at_stop(new_ids)
+        answer = self.tokenizer.decode(answer_ids).strip()
+        stop = new_ids[len(answer_ids)] if len(answer_ids) < len(new_ids) else None
+        ended = ({IM_END_ID: "<|im_end|>", IM_START_ID: "<|im_start|>"}.get(stop, f"token {stop}")
+                 if stop is not None else f"max_new_tokens={self.max_new_tokens}")
+        if not answer_ids:
+            self.out.write(f"(no answer: the model's first token was {ended})")
         self.out.write("\n")
-        self.out.write(f"[prompt {len(prompt)} tokens, history {len(self.history)} turns, "
-                       f"{len(new_ids)} new tokens in {seconds:.2f}s]\n")
+        self.out.write(f"[prompt {len(prompt)} tokens, history {len(self.history)} turns, answer "
+                       f"{len(answer_ids)} tokens, ended by {ended}, {seconds:.2f}s]\n")
         self.out.flush()
+        if self.transcript:
+            import json
+            with open(self.transcript, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"query": query, "answer": answer, "answer_tokens": len(answer_ids),
+                                    "ended_by": ended, "prompt_tokens": len(prompt),
+                                    "history_turns": len(self.history)}, ensure_ascii=False) + "\n")
         if self.keep_history:
             self.history.append((query, answer))
         return answer
@@ -131,7 +150,7 @@ def run_chat(exp, run_dir: str) -> None:
         opts = exp.chat
         session = ChatSession(generator, load_tokenizer(exp.data.tokenizer_dir or None), exp.phase.system_prompt,
                               opts.max_new_tokens or max(1, exp.data.seq_length // 4), keep_history=opts.history,
-                              gen_kwargs=generation_kwargs(exp, opts.seed))
+                              gen_kwargs=generation_kwargs(exp, opts.seed), transcript=run_dir / "transcript.jsonl")
         if opts.mode == "interactive":
             interactive(session)
         else:

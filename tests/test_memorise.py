@@ -1,0 +1,86 @@
+"""End to end, as a user checks that finetuning worked: the tiny model finetuned on four alpaca records until it
+memorises them answers each of them verbatim in `python -m qwen15_exp.chat` (greedy), with full weights and with
+LoRA adapters on the base, and phase=eval on those records reports a perplexity near 1. Generation ends at
+<|im_end|> and what the terminal shows is the answer the transcript records.
+
+The tiny model's knowledge of tokens lives in its (tied) embedding matrix, which LoRA adapters on the
+Linear layers cannot change: with the adapters alone the loss stays near 5 after 200 steps here. So the LoRA run
+also trains the embedding and the norms (phase.lora.trainable, PEFT's modules_to_save), which travel with the
+adapters. A real pretrained base needs no such help."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import read_json, run_cli
+from qwen15_exp.compose import sample_path
+from qwen15_exp.data.alpaca import alpaca_user_turn
+
+SHORT = ["hardware=cpu", "data=alpaca", "data.seq_length=64", "phase.epochs=1000", "phase.lr_schedule.warmup_ratio=0",
+         "phase.checkpoint.format=safetensors"]
+
+
+def train(tmp_path: Path, name: str, records: Path, overrides: list[str]) -> Path:
+    r = run_cli([*SHORT, f"data.input={records}", *overrides], tmp_path / name)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return next((tmp_path / name / "outputs").rglob("result.json")).parent
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return max(run_dir.glob("output/checkpoint/rank_0/*.safetensors"), key=lambda p: p.stat().st_mtime)
+
+
+def chat(tmp_path: Path, name: str, questions: list[str], overrides: list[str], history: bool) -> tuple[list, str]:
+    """Greedy batch chat through the CLI; the questions come in a config file (they hold newlines)."""
+    conf = tmp_path / f"{name}_conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "questions.yaml").write_text("# @package _global_\n" + json.dumps({"chat": {"questions": questions}}))
+    r = run_cli([f"--config-dir={conf.parent}", "+experiment=questions", "chat.mode=batch",
+                 f"chat.history={str(history).lower()}", "phase.generation.do_sample=false", "data.seq_length=128",
+                 "chat.max_new_tokens=48", *overrides], tmp_path / name, module="qwen15_exp.chat")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    transcript = next((tmp_path / name / "outputs").rglob("transcript.jsonl"))
+    return [json.loads(line) for line in transcript.read_text().splitlines()], r.stdout
+
+
+@pytest.mark.slow
+def test_finetuned_and_lora_models_answer_their_training_records_verbatim(tmp_path):
+    records = json.loads(Path(sample_path("alpaca_sample.json")).read_text())
+    four, rest = tmp_path / "four.json", tmp_path / "rest.json"
+    four.write_text(json.dumps(records[:4], ensure_ascii=False))
+    rest.write_text(json.dumps(records[4:], ensure_ascii=False))
+    questions = [alpaca_user_turn(r["instruction"], r.get("input")) for r in records[:4]]
+    answers = [r["output"] for r in records[:4]]
+
+    base = newest_checkpoint(train(tmp_path, "base", rest, ["phase.max_steps=2"]))
+    full = train(tmp_path, "full", four, [f"phase.load_checkpoint={base}", "phase.max_steps=300",
+                                          "phase.lr_schedule.learning_rate=2e-2"])
+    assert read_json(full / "result.json")["measured"]["last_loss"] < 0.1
+    lora = train(tmp_path, "lora", four, ["phase=lora", f"phase.load_checkpoint={base}", "phase.max_steps=300",
+                                          "phase.lora.dropout=0", "phase.lora.trainable=[*norm*,*embedding*]",
+                                          "phase.lora.target_modules=.*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3",
+                                          "phase.lr_schedule.learning_rate=2e-2"])
+    assert read_json(lora / "result.json")["measured"]["last_loss"] < 0.1
+
+    # full weights, each question on its own: the answers come back verbatim, and they are what was shown
+    turns, shown = chat(tmp_path, "chat_full", questions, [f"phase.load_checkpoint={newest_checkpoint(full)}"], False)
+    assert [t["answer"] for t in turns] == answers
+    assert all(t["ended_by"] == "<|im_end|>" for t in turns)
+    assert all(a in shown for a in answers)
+    # LoRA: the base checkpoint plus the run's adapters (merged on load)
+    turns, _ = chat(tmp_path, "chat_lora", questions, [f"phase.load_checkpoint={base}", f"phase.adapter={lora}"], False)
+    assert [t["answer"] for t in turns] == answers
+    # with history the prompt is one the model never saw; whatever it answers, generation stopped at the end of
+    # the answer and the terminal showed exactly that answer (or said that there was none)
+    turns, shown = chat(tmp_path, "chat_history", questions[:2], [f"phase.load_checkpoint={newest_checkpoint(full)}"],
+                        True)
+    assert turns[1]["history_turns"] == 1 and turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"]
+    for t in turns:
+        assert t["ended_by"] in ("<|im_end|>", "<|im_start|>", "max_new_tokens=48")
+        assert (t["answer"] in shown) if t["answer"] else ("(no answer: the model's first token was" in shown)
+    # phase=eval on the same records: perplexity near 1
+    r = run_cli([*SHORT, f"data.input={four}", "phase=eval", f"phase.load_checkpoint={newest_checkpoint(full)}"],
+                tmp_path / "eval")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = read_json(next((tmp_path / "eval" / "outputs").rglob("result.json")))["measured"]
+    assert 1.0 <= m["perplexity"] < 1.1, m
