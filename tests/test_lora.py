@@ -182,3 +182,33 @@ def logits_difference(run_dir, merged, base) -> tuple[float, float]:
     assert r.returncode == 0, r.stderr[-3000:]
     to_merged, to_base = r.stdout.split("DIFF", 1)[1].split()
     return float(to_merged), float(to_base)
+
+
+def test_peft_folders_read_back_and_continue_only_with_matching_lora(tmp_path):
+    """A PEFT folder written by export_peft reads back to the same adapters (names mapped both ways); a phase=lora
+    run continues them only with the same rank, alpha and targets, and the error names the overrides."""
+    from qwen15_exp.errors import UserError
+    from qwen15_exp.weights.adapters import check_continues
+    from qwen15_exp.weights.lora import Adapters, merged_weights
+    from qwen15_exp.weights.peft import export_peft, read_peft
+    rng = np.random.default_rng(0)
+    pairs = {f"model.layers.{i}.attention.{w}": (rng.standard_normal((4, 64)).astype(np.float32),
+                                                 rng.standard_normal((64, 4)).astype(np.float32))
+             for i in range(2) for w in ("wq", "wv")}
+    extras = {"model.norm_out.weight": np.ones(64, np.float32)}
+    export_peft(Adapters(4, 8, pairs, extras, "test"), tmp_path / "peft")
+    config = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["modules_to_save"] == ["model.norm"]
+    back = read_peft(tmp_path / "peft")
+    assert (back.rank, back.alpha, sorted(back.pairs), sorted(back.extras)) == (4, 8, sorted(pairs), sorted(extras))
+    assert all(np.array_equal(back.pairs[k][0], pairs[k][0]) and np.array_equal(back.pairs[k][1], pairs[k][1])
+               for k in pairs)
+    lora = make_experiment(["phase=lora", "hardware=cpu"]).phase.lora           # rank 8, alpha 16, wq wk wv wo
+    with pytest.raises(UserError) as e:
+        check_continues(back, lora)
+    assert "phase.lora.rank=4 phase.lora.alpha=8 phase.lora.target_modules='.*wq|.*wv'" in str(e.value)
+    lora.rank, lora.alpha, lora.target_modules = 4, 8, ".*wq|.*wv"
+    check_continues(back, lora)
+    base = {"model.layers.0.attention.wq.weight": np.zeros((64, 64), np.float32)}
+    with pytest.raises(UserError, match="does not fit the base weights"):
+        merged_weights(base, back)                                   # layer 1 has no base weight here
