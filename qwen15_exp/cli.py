@@ -31,8 +31,27 @@ def user_error_message(e: BaseException) -> str | None:
     return None
 
 
+def slurm_missing(argv: list[str]) -> str | None:
+    """hydra/launcher=submitit_slurm where Slurm's commands are missing: submitit would end in a long
+    traceback ("Could not detect srun") after composing every job."""
+    import shutil
+    if not any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv):
+        return None
+    missing = [tool for tool in ("sbatch", "sacct", "srun") if shutil.which(tool) is None]
+    if not missing:
+        return None
+    return (f"{next(a for a in argv if a.startswith('hydra/launcher='))} sends every job to a Slurm cluster, but "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH here; run it on a Slurm login "
+            "node, or leave out the launcher override to run the sweep on this machine")
+
+
 def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
     import hydra
+
+    problem = slurm_missing(sys.argv[1:])
+    if problem:
+        report_user_error(problem)
+        sys.exit(2)
 
     from qwen15_exp.compose import conf_dir, register
 

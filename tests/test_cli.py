@@ -94,3 +94,15 @@ def test_a_sweep_says_why_exits_non_zero_and_a_rerun_redoes_only_what_did_not_en
     assert "job 0: already planned" in r.stdout                          # kept, not planned again
     assert (sweep / "0" / "plan.json").stat().st_mtime_ns == first_plan
     assert read_json(sweep / "1" / "result.json")["status"] == "invalid"  # the missing one ran again
+
+
+def test_a_slurm_sweep_without_slurm_is_a_clear_error(tmp_path):
+    import os
+    import sys
+    bare = tmp_path / "bin"                  # a PATH without sbatch, sacct and srun, whatever this machine has
+    bare.mkdir()
+    r = run_cli(["-m", "hydra/launcher=submitit_slurm", "model=tiny", "phase.seed=1,2"], tmp_path,
+                env={"PATH": f"{bare}:{os.path.dirname(sys.executable)}"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Slurm" in r.stderr and "sbatch, sacct, srun are not on PATH" in r.stderr
+    assert not (tmp_path / "outputs").exists()
