@@ -7,7 +7,7 @@ from conftest import only_run_dir, read_json, run_cli
 def test_help_lists_the_groups(tmp_path):
     r = run_cli(["--help"], tmp_path)
     assert r.returncode == 0
-    for line in ("model: 0_5b, 14b, 1_8b, 32b, 4b, 72b, 7b, mini, tiny", "phase: chat, eval, finetune, lora, predict, pretrain"):
+    for line in ("model: 0_5b, 14b, 1_8b, 32b, 4b, 72b, 7b, mini, tiny", "phase: chat, eval, export, finetune, lora, predict, pretrain"):
         assert line in r.stdout
 
 

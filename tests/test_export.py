@@ -12,14 +12,18 @@ from qwen15_exp.validate import validate
 
 
 def test_an_ascend_export_plan_carries_the_export_and_lite_ini(tmp_path):
-    r = run_cli(["model=7b", "phase=export", "hardware=atlas_800t_a2", "launch.rank_table=/job/hccl.json"], tmp_path)
+    import json
+    table = tmp_path / "hccl.json"
+    table.write_text(json.dumps({"version": "1.0", "server_count": "1", "status": "completed", "server_list": [
+        {"server_id": "10.0.0.1", "device": [{"device_id": "0", "device_ip": "192.1.27.6", "rank_id": "0"}]}]}))
+    r = run_cli(["model=7b", "phase=export", "hardware=atlas_800t_a2", f"launch.rank_table={table}"], tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run_dir = only_run_dir(tmp_path)
     cfg = yaml.safe_load((run_dir / "mindformers.yaml").read_text())
     assert cfg["export_mindir"] is True and cfg["run_mode"] == "predict"
     assert cfg["model"]["model_config"]["use_past"] is True          # prefill + incremental graphs on Ascend
     ini = (run_dir / "lite.ini").read_text()
-    assert "[ascend_context]\nprovider=ge\nrank_table_file=/job/hccl.json" in ini
+    assert f"[ascend_context]\nprovider=ge\nrank_table_file={table}" in ini
     assert "ge.exec.precision_mode=must_keep_origin_dtype" in ini
     assert read_json(run_dir / "result.json")["status"] == "planned"
 

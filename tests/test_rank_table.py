@@ -15,9 +15,12 @@ echo "netmask:255.255.255.0"
 """
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# stands in for `python worker.py ...`: records what the worker would see
-printf '{"rank": "%s", "device": "%s", "size": "%s", "table": "%s", "args": "%s"}' \\
-  "$RANK_ID" "$DEVICE_ID" "$RANK_SIZE" "$RANK_TABLE_FILE" "$*" > "$SEEN/rank_$RANK_ID.json"
+# stands in for `python worker.py ...`: records what the worker would see (values may hold any character)
+"$REAL_PYTHON" -c 'import json, os, sys
+e = os.environ
+json.dump({"rank": e["RANK_ID"], "device": e["DEVICE_ID"], "size": e["RANK_SIZE"], "table": e["RANK_TABLE_FILE"],
+           "server": e["QWEN15_EXP_SERVER_ID"], "args": " ".join(sys.argv[1:])},
+          open(os.path.join(e["SEEN"], "rank_" + e["RANK_ID"] + ".json"), "w"))' "$@"
 [ "$RANK_ID" = "$FAIL_RANK" ] && exit 3
 exit 0
 """
@@ -63,7 +66,7 @@ def test_rank_table_scripts_start_one_worker_per_device(tmp_path):
     fake = tool(tmp_path, "python", FAKE_PYTHON)
     seen = tmp_path / "seen"
     seen.mkdir()
-    env = {**os.environ, "PYTHON": str(fake), "SEEN": str(seen), "FAIL_RANK": "none"}
+    env = {**os.environ, "PYTHON": str(fake), "SEEN": str(seen), "FAIL_RANK": "none", "REAL_PYTHON": sys.executable}
     for s in scripts:
         p = subprocess.run(["bash", str(s)], env=env, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
@@ -92,3 +95,32 @@ def test_a_table_that_disagrees_with_the_layout_is_explained(tmp_path):
     broken.write_text('{"server_list": [{"device": []}]}')
     r = run_cli(["model=7b", "hardware=atlas_800t_a2", f"launch.rank_table={broken}"], tmp_path)
     assert r.returncode == 2 and "is not an HCCL rank table" in r.stdout + r.stderr
+
+
+def test_hostile_table_paths_and_server_ids_stay_text(tmp_path):
+    """A table path with $( ) and quotes, and a server_id with a newline and a command, reach the workers as
+    text; nothing runs."""
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "a'b $(touch pwned) \"c"                # a folder name holds no slash
+    folder.mkdir()
+    table = folder / "hccl.json"
+    table.write_text(json.dumps({"version": "1.0", "server_count": "1", "status": "completed", "server_list": [
+        {"server_id": f"x\ntouch {marker}\n\"; touch {marker}; \"", "device": [
+            {"device_id": "0", "device_ip": "192.1.27.6", "rank_id": "0"}]}]}))
+    from conftest import make_experiment
+    from qwen15_exp.launch.msrun import write_launch_files
+    from qwen15_exp.plan import make_plan
+    from qwen15_exp.validate import validate
+    exp = make_experiment(["model=7b", "phase=export", "hardware=atlas_800t_a2"])
+    exp.launch.rank_table = str(table)              # (Hydra's override grammar would refuse this path)
+    assert validate(exp) == []
+    (script,) = write_launch_files(make_plan(exp, tmp_path / "run"), exp)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    fake = tool(tmp_path, "python", FAKE_PYTHON)
+    p = subprocess.run(["bash", str(script)], env={**os.environ, "PYTHON": str(fake), "SEEN": str(seen),
+                                                   "FAIL_RANK": "none", "REAL_PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    record = json.loads((seen / "rank_0.json").read_text())
+    assert record["table"] == str(table) and record["server"] == f"x\ntouch {marker}\n\"; touch {marker}; \""
+    assert not marker.exists() and not list(tmp_path.rglob("pwned"))

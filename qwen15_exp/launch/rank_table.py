@@ -92,7 +92,9 @@ def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
              "QWEN15_EXP_HARDWARE": exp.hardware.name, "QWEN15_EXP_SERVER_ID": server.server_id}
     for k, v in {**names, **dict(sorted(plan.env.items()))}.items():
         lines.append(f"export {k}={q(str(v))}")
-    lines += [f'export RANK_TABLE_FILE="${{RANK_TABLE_FILE:-{q(str(Path(exp.launch.rank_table).resolve()))}}}"',
+    # the planned path in a quoted assignment: inside "${VAR:-...}" quotes would not quote and $( ) would run
+    lines += [f"PLANNED_RANK_TABLE={q(str(Path(exp.launch.rank_table).resolve()))}",
+              'export RANK_TABLE_FILE="${RANK_TABLE_FILE:-$PLANNED_RANK_TABLE}"',
               f"export RANK_SIZE={int(plan.layout.devices)}",
               'PYTHON="${PYTHON:-python}"', "mkdir -p rank_log", "pids=()",
               "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null' INT TERM"]
