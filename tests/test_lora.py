@@ -189,7 +189,7 @@ def test_peft_folders_read_back_and_continue_only_with_matching_lora(tmp_path):
     run continues them only with the same rank, alpha and targets, and the error names the overrides."""
     from qwen15_exp.errors import UserError
     from qwen15_exp.weights.adapters import check_continues
-    from qwen15_exp.weights.lora import Adapters, merged_weights
+    from qwen15_exp.weights.lora import Adapters, check_fit
     from qwen15_exp.weights.peft import export_peft, read_peft
     rng = np.random.default_rng(0)
     pairs = {f"model.layers.{i}.attention.{w}": (rng.standard_normal((4, 64)).astype(np.float32),
@@ -209,6 +209,30 @@ def test_peft_folders_read_back_and_continue_only_with_matching_lora(tmp_path):
     assert "phase.lora.rank=4 phase.lora.alpha=8 phase.lora.target_modules='.*wq|.*wv'" in str(e.value)
     lora.rank, lora.alpha, lora.target_modules = 4, 8, ".*wq|.*wv"
     check_continues(back, lora)
-    base = {"model.layers.0.attention.wq.weight": np.zeros((64, 64), np.float32)}
+    base = {"model.layers.0.attention.wq.weight": (64, 64)}
     with pytest.raises(UserError, match="does not fit the base weights"):
-        merged_weights(base, back)                                   # layer 1 has no base weight here
+        check_fit(base, back)                                        # layer 1 has no base weight here
+
+
+def test_adapters_merge_into_a_bf16_base_streamed_and_in_its_dtype(tmp_path, monkeypatch):
+    """A bf16 base (what the converter keeps from Hugging Face Qwen1.5) merges tensor by tensor: the merged file
+    is bf16 and equals bf16(W + alpha/rank B @ A); untouched tensors are bit-identical."""
+    from qwen15_exp.weights.adapters import with_adapters
+    from qwen15_exp.weights.lora import Adapters
+    from qwen15_exp.weights.peft import export_peft
+    from qwen15_exp.weights.tensors import bf16_to_f32, f32_to_bf16, load_array, read_header, write_streaming
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    w = f32_to_bf16(rng.standard_normal((8, 6)).astype(np.float32))
+    norm = f32_to_bf16(np.ones(6, np.float32))
+    base = tmp_path / "base.safetensors"
+    tensors = {"model.layers.0.attention.wq.weight": w, "model.norm_out.weight": norm}
+    write_streaming(base, [(n, "BF16", v.shape) for n, v in tensors.items()], tensors.__getitem__)
+    a, b = rng.standard_normal((2, 6)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    export_peft(Adapters(2, 4, {"model.layers.0.attention.wq": (a, b)}), tmp_path / "peft")
+    refs = read_header(with_adapters(str(base), str(tmp_path / "peft")))
+    assert {r.dtype for r in refs} == {"BF16"}
+    merged = {r.name: load_array(r) for r in refs}                           # bf16 as its bit patterns
+    assert merged["model.norm_out.weight"].tolist() == norm.tolist()
+    expected = f32_to_bf16(bf16_to_f32(w) + 2.0 * (b @ a))
+    assert merged["model.layers.0.attention.wq.weight"].tolist() == expected.tolist()

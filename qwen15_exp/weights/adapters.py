@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
-from qwen15_exp.weights.lora import (Adapters, adapters_of_run, merged_weights, network_weights, read_checkpoint,
-                                     write_safetensors)
+from qwen15_exp.weights.lora import Adapters, adapters_of_run, network_refs, write_with_adapters
 from qwen15_exp.weights.peft import read_peft
 
 
@@ -61,14 +60,8 @@ def with_adapters(base: str, adapter: str, lora=None) -> str:
         check_continues(adapters, lora)
     if out.is_file():
         return str(out)
-    base_tensors = network_weights(read_checkpoint(base_path))
-    if merge:
-        tensors = merged_weights(base_tensors, adapters)
-    else:
-        merged_weights(base_tensors, adapters)            # shape check only
-        tensors = {**base_tensors, **adapters.tensors()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out, tensors, "merged adapters" if merge else "base + adapters")
+    write_with_adapters(out, network_refs(base_path), adapters, merge, "merged adapters" if merge else "base + adapters")
     print(f"{'merged' if merge else 'loaded'} {len(adapters.pairs)} LoRA adapter pairs (alpha {adapters.alpha}, "
           f"rank {adapters.rank}) from {adapter} onto {base} -> {out} (cached)")
     return str(out)

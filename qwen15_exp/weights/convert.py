@@ -15,7 +15,8 @@ from pathlib import Path
 
 from qwen15_exp.errors import UserError
 from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
-from qwen15_exp.weights.tensors import NAMES, TensorRef, cast, hf_tensors, load_array, read_header, write_streaming
+from qwen15_exp.weights.tensors import (NAMES, TensorRef, cast, checkpoint_tensors, hf_tensors, load_array, tensor_array,
+                                        write_streaming)
 
 
 @dataclass
@@ -101,28 +102,6 @@ def _save_ckpt(arrays: dict, out: Path) -> None:
         os.chmod(tmp, 0o644 & ~umask())     # MindSpore saves 0400; converted weights are meant to be shared
 
 
-def _mf_refs(src: Path) -> list[tuple[str, object]]:
-    """(name, ref-or-array) of a MindFormers checkpoint's network weights."""
-    if src.suffix == ".safetensors":
-        return [(r.name, r) for r in read_header(src)]
-    if src.suffix == ".ckpt":
-        import mindspore as ms
-        out = []
-        for name, p in ms.load_checkpoint(str(src)).items():
-            t = p.value() if hasattr(p, "value") else p
-            if t.dtype == ms.bfloat16:
-                from qwen15_exp.weights.tensors import f32_to_bf16
-                out.append((name, ("BF16", f32_to_bf16(t.astype(ms.float32).asnumpy()))))
-            else:
-                arr = t.asnumpy()
-                code = {"float32": "F32", "float16": "F16", "int32": "I32", "int64": "I64",
-                        "float64": "F64"}.get(str(arr.dtype))
-                if code:
-                    out.append((name, (code, arr)))
-        return out
-    raise UserError(f"{src}: give a MindFormers .safetensors or .ckpt file")
-
-
 def hf_config(model, dtype: str, tied: bool) -> dict:
     """config.json of a Qwen2ForCausalLM (the Hugging Face class of every Qwen1.5 size)."""
     return {
@@ -145,30 +124,20 @@ def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: flo
     from qwen15_exp.weights.check import check_fits
     check_fits(str(src), model)            # config.json is written from the model: every tensor must agree
     entries = []
-    for name, ref in _mf_refs(src):
-        hf = rename(name, MF_TO_HF)
+    for ref in checkpoint_tensors(src):
+        hf = rename(ref.name, MF_TO_HF)
         if hf is not None:                  # adam_m.*, adam_v.*, global_step, ... are not weights
             entries.append((hf, ref))
     if not entries:
         raise UserError(f"{src} holds no MindFormers Llama weights (model.layers.N.attention.wq.weight, ...)")
     tied = not any(hf == "lm_head.weight" for hf, _ in entries)
-
-    def src_dtype(ref):
-        return ref.dtype if isinstance(ref, TensorRef) else ref[0]
-
-    def shape_of(ref):
-        return ref.shape if isinstance(ref, TensorRef) else tuple(ref[1].shape)
-
-    def array_of(ref):
-        return load_array(ref) if isinstance(ref, TensorRef) else ref[1]
-
     layers = 1 + max(int(n.split(".")[2]) for n, _ in entries if n.startswith("model.layers."))
-    emb = next(shape_of(r) for n, r in entries if n == "model.embed_tokens.weight")
+    emb = next(r.shape for n, r in entries if n == "model.embed_tokens.weight")
     if layers != model.num_layers or tuple(emb) != (model.vocab_size, model.hidden_size):
         raise UserError(f"{src} has {layers} layers and embedding {tuple(emb)}, but model={model.name} has "
                         f"{model.num_layers} layers and ({model.vocab_size}, {model.hidden_size}); "
                         "choose the matching model=<size>")
-    items = [(hf, target_dtype(src_dtype(r), dtype), shape_of(r)) for hf, r in entries]
+    items = [(hf, target_dtype(r.dtype, dtype), r.shape) for hf, r in entries]
     by_name = dict(entries)
     shards, current, size = [], [], 0
     limit = shard_gb * 1e9
@@ -181,13 +150,13 @@ def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: flo
         size += nbytes
     shards.append(current)
     bar = _progress(len(items), show_progress, "mindformers -> hf")
-    largest = max(r.nbytes if isinstance(r, TensorRef) else r[1].nbytes for _, r in entries)
+    largest = max(r.nbytes for _, r in entries)
     with atomic_dir(out_dir) as tmp:
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for fname, shard in zip(names, shards):
-            write_streaming(tmp / fname, shard, lambda n: cast(array_of(by_name[n]), src_dtype(by_name[n]),
-                                                               target_dtype(src_dtype(by_name[n]), dtype)),
+            write_streaming(tmp / fname, shard, lambda n: cast(tensor_array(by_name[n]), by_name[n].dtype,
+                                                               target_dtype(by_name[n].dtype, dtype)),
                             metadata={"format": "pt"}, progress=bar)
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json", {

@@ -4,7 +4,8 @@ or put beside them to train on.
 MindFormers (mindpet's LoRADense) keeps `<layer>.mindpet_delta_lora_a` (rank x in) and `..._lora_b` (out x
 rank) beside the frozen `<layer>.weight` and adds `scaling * x A^T B^T`, scaling = lora_alpha / lora_rank (PEFT's
 LoRA without rslora computes the same); the merged weight W + scaling * B @ A gives the same output with no
-adapter. Parameters a LoRA run keeps trainable besides the adapters (`freeze_exclude`, e.g. the norms) travel
+adapter. Tensors are streamed (one in memory at a time) and keep their dtype (bf16 included); the arithmetic is
+float32. Parameters a LoRA run keeps trainable besides the adapters (`freeze_exclude`, e.g. the norms) travel
 with the adapters as `extras` and replace the base's tensors.
 """
 from __future__ import annotations
@@ -17,11 +18,12 @@ import numpy as np
 import yaml
 
 from qwen15_exp.errors import UserError
+from qwen15_exp.weights.tensors import cast, checkpoint_tensors, tensor_array, write_streaming
 
 LORA_A, LORA_B = ".mindpet_delta_lora_a", ".mindpet_delta_lora_b"
 NOT_WEIGHTS = ("adam_", "accu_", "global_step", "scale_sense", "loss_scale", "epoch_num", "step_num",
                "current_iterator_step", "last_overflow_iterator_step", "global_batch_size")
-SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+FLOAT_CODES = ("F32", "F16", "BF16")
 
 
 @dataclass
@@ -45,33 +47,58 @@ class Adapters:
         return out
 
 
-def network_weights(tensors: dict) -> dict:
-    """A checkpoint's network weights: no optimizer state, counters or adapters."""
-    return {n: v for n, v in tensors.items() if not n.startswith(NOT_WEIGHTS) and not n.endswith((LORA_A, LORA_B))}
+def is_network_weight(name: str) -> bool:
+    """Not optimizer state, a counter or an adapter."""
+    return not name.startswith(NOT_WEIGHTS) and not name.endswith((LORA_A, LORA_B))
 
 
-def merged_weights(base: dict, adapters: Adapters) -> dict:
-    """Base network weights with the extras put in and every adapter pair folded into its layer's weight
-    (float32 arithmetic, stored in the base's dtype)."""
-    out = network_weights(base)
-    out.update(adapters.extras)
+def network_refs(path: Path) -> dict:
+    """A checkpoint's float network weights as references (a .safetensors is read one tensor at a time)."""
+    return {r.name: r for r in checkpoint_tensors(path) if r.dtype in FLOAT_CODES and is_network_weight(r.name)}
+
+
+def as_f32(ref) -> np.ndarray:
+    """A checkpoint tensor's values in float32 (bf16 widened exactly)."""
+    return cast(tensor_array(ref), ref.dtype, "F32")
+
+
+def check_fit(shapes: dict, adapters: Adapters) -> None:
+    """Every adapter pair sits on a base weight of the shape B @ A has."""
     for layer, (a, b) in adapters.pairs.items():
-        w = out.get(layer + ".weight")
-        if w is None or w.shape != (b.shape[0], a.shape[1]):
+        shape = shapes.get(layer + ".weight")
+        if shape is None or tuple(shape) != (b.shape[0], a.shape[1]):
             raise UserError(f"adapter {layer} ({b.shape[0]} x {a.shape[1]}) does not fit the base weights "
-                            f"({None if w is None else w.shape}) from {adapters.source}; choose the base model the "
-                            "adapters were trained on")
-        out[layer + ".weight"] = (w.astype(np.float32) + adapters.scaling * (b.astype(np.float32) @ a.astype(np.float32))
-                                  ).astype(w.dtype)
-    return out
+                            f"({shape}) from {adapters.source}; choose the base model the adapters were trained on")
 
 
-def read_checkpoint(path: Path) -> dict:
-    if Path(path).suffix == ".safetensors":
-        from qwen15_exp.weights.tensors import load_array, read_header
-        return {r.name: load_array(r) for r in read_header(path) if r.dtype in ("F32", "F16")}
-    import mindspore as ms
-    return {name: p.asnumpy() for name, p in ms.load_checkpoint(str(path)).items()}
+def write_with_adapters(out: Path, base: dict, adapters: Adapters, merge: bool, note: str) -> int:
+    """Stream `base` (name -> ref) with the adapters into a safetensors file, one tensor in memory at a time:
+    merged (W + scaling * B @ A, float32 arithmetic, stored in the base's dtype) or, for a LoRA run to continue,
+    beside the base under MindFormers' LoRA names. Extras replace the base's tensors. Returns tensors written."""
+    check_fit({n: r.shape for n, r in base.items()}, adapters)
+    beside = {} if merge else {n: v for n, v in adapters.tensors().items() if n not in base}
+    items = [(n, r.dtype, r.shape) for n, r in base.items()] + [(n, "F32", v.shape) for n, v in beside.items()]
+
+    def produce(name):
+        if name in beside:
+            return np.ascontiguousarray(beside[name], dtype=np.float32)
+        ref = base[name]
+        value = np.asarray(adapters.extras[name], np.float32) if name in adapters.extras else as_f32(ref)
+        layer = name[: -len(".weight")]
+        if merge and name.endswith(".weight") and layer in adapters.pairs:
+            a, b = adapters.pairs[layer]
+            value = value + adapters.scaling * (np.asarray(b, np.float32) @ np.asarray(a, np.float32))
+        return cast(np.ascontiguousarray(value, dtype=np.float32), "F32", ref.dtype)
+
+    write_streaming(out, items, produce, metadata={"format": "ms", "source": f"qwen15_exp {note}"})
+    return len(items)
+
+
+def write_f32(out: Path, tensors: dict, note: str) -> None:
+    """Small tensors (adapters) as a float32 safetensors file."""
+    items = [(name, "F32", v.shape) for name, v in tensors.items()]
+    write_streaming(out, items, lambda n: np.ascontiguousarray(tensors[n], dtype=np.float32),
+                    metadata={"format": "ms", "source": f"qwen15_exp {note}"})
 
 
 def run_pet_config(run_dir: Path) -> dict:
@@ -94,21 +121,15 @@ def newest_run_checkpoint(run_dir: Path) -> Path:
 
 
 def adapters_of_run(run_dir: Path) -> tuple[Adapters, dict]:
-    """(the adapters, the whole network) of a phase=lora run's newest checkpoint."""
+    """(the adapters, the network's references) of a phase=lora run's newest checkpoint."""
     pet = run_pet_config(run_dir)
     path = newest_run_checkpoint(run_dir)
-    tensors = read_checkpoint(path)
-    pairs = {n[: -len(LORA_A)]: (tensors[n], tensors[n[: -len(LORA_A)] + LORA_B])
-             for n in tensors if n.endswith(LORA_A) and not n.startswith(NOT_WEIGHTS)}
-    network = network_weights(tensors)
-    extras = {n: v for n, v in network.items() if any(fnmatch(n, p) for p in pet.get("freeze_exclude") or [])}
+    refs = {r.name: r for r in checkpoint_tensors(path)}
+    pairs = {n[: -len(LORA_A)]: (as_f32(refs[n]), as_f32(refs[n[: -len(LORA_A)] + LORA_B]))
+             for n in refs if n.endswith(LORA_A) and not n.startswith(NOT_WEIGHTS)}
+    network = {n: r for n, r in refs.items() if r.dtype in FLOAT_CODES and is_network_weight(n)}
+    extras = {n: as_f32(r) for n, r in network.items() if any(fnmatch(n, p) for p in pet.get("freeze_exclude") or [])}
     return Adapters(pet["lora_rank"], pet["lora_alpha"], pairs, extras, str(path)), network
-
-
-def write_safetensors(out: Path, tensors: dict, note: str) -> None:
-    from qwen15_exp.weights.tensors import write_streaming
-    items = [(name, SAFETENSORS_DTYPES[v.dtype], v.shape) for name, v in tensors.items()]
-    write_streaming(out, items, tensors.__getitem__, metadata={"format": "ms", "source": f"qwen15_exp {note}"})
 
 
 def merge_run(run_dir: Path, out: Path) -> tuple[int, Path]:
@@ -116,8 +137,7 @@ def merge_run(run_dir: Path, out: Path) -> tuple[int, Path]:
     if out.suffix != ".safetensors":
         raise UserError(f"output={out}: end it with .safetensors")
     adapters, network = adapters_of_run(run_dir)
-    merged = merged_weights(network, adapters)
-    write_safetensors(out, merged, "lora_merge")
+    written = write_with_adapters(out, network, adapters, merge=True, note="lora_merge")
     print(f"merged {len(adapters.pairs)} LoRA adapter pairs (alpha {adapters.alpha}, rank {adapters.rank}) of "
           f"{adapters.source}")
-    return len(merged), Path(adapters.source)
+    return written, Path(adapters.source)

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
-from qwen15_exp.weights.lora import Adapters
+from qwen15_exp.weights.lora import Adapters, as_f32
 from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
+from qwen15_exp.weights.tensors import read_header
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -42,7 +43,7 @@ def peft_config(adapters: Adapters, base_model: str, dropout: float) -> dict:
 def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout: float = 0.0) -> list[Path]:
     """Write the PEFT folder (both files appear together: written into a temporary folder, then renamed)."""
     from qwen15_exp.atomic import atomic_dir, write_json
-    from qwen15_exp.weights.lora import write_safetensors
+    from qwen15_exp.weights.lora import write_f32
     tensors = {}
     for layer, (a, b) in adapters.pairs.items():
         module = PREFIX + _hf_module(layer)
@@ -50,13 +51,12 @@ def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout
     for name, value in adapters.extras.items():
         tensors[PREFIX + rename(name, MF_TO_HF)] = value
     with atomic_dir(out_dir) as tmp:
-        write_safetensors(tmp / WEIGHTS, tensors, "peft export")
+        write_f32(tmp / WEIGHTS, tensors, "peft export")
         write_json(tmp / CONFIG, peft_config(adapters, base_model, dropout))
     return [out_dir / CONFIG, out_dir / WEIGHTS]
 
 
 def read_peft(folder: Path) -> Adapters:
-    from safetensors.numpy import load_file
     config = json.loads((folder / CONFIG).read_text())
     unsupported = {k: config.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out") if config.get(k)}
     if config.get("peft_type") != "LORA" or unsupported or config.get("bias", "none") != "none":
@@ -69,7 +69,8 @@ def read_peft(folder: Path) -> Adapters:
     if not weights.is_file():
         raise UserError(f"{folder}: no {WEIGHTS} beside {CONFIG}")
     pairs, extras = {}, {}
-    for key, value in load_file(str(weights)).items():
+    for ref in read_header(weights):             # any float dtype, bf16 included, as float32
+        key, value = ref.name, as_f32(ref)
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
             if name.endswith(part):

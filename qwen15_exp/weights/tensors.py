@@ -72,6 +72,51 @@ def load_array(ref: TensorRef) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(ref.shape)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A tensor already in memory (MindSpore reads a .ckpt whole), used like a TensorRef."""
+    name: str
+    dtype: str              # safetensors dtype code
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+
+def tensor_array(ref) -> np.ndarray:
+    """The values of a TensorRef (read now) or a Loaded tensor."""
+    return ref.array if isinstance(ref, Loaded) else load_array(ref)
+
+
+def checkpoint_tensors(src: Path) -> list:
+    """The tensors of a MindFormers checkpoint: TensorRefs of a .safetensors (read one at a time when used),
+    Loaded tensors of a .ckpt (bf16 as bit patterns, like safetensors)."""
+    src = Path(src)
+    if src.suffix == ".safetensors":
+        return read_header(src)
+    if src.suffix == ".ckpt":
+        import mindspore as ms
+        out = []
+        for name, p in ms.load_checkpoint(str(src)).items():
+            t = p.value() if hasattr(p, "value") else p
+            if t.dtype == ms.bfloat16:
+                out.append(Loaded(name, "BF16", f32_to_bf16(t.astype(ms.float32).asnumpy())))
+            else:
+                arr = t.asnumpy()
+                code = {"float32": "F32", "float16": "F16", "int32": "I32", "int64": "I64",
+                        "float64": "F64"}.get(str(arr.dtype))
+                if code:
+                    out.append(Loaded(name, code, arr))
+        return out
+    from qwen15_exp.errors import UserError
+    raise UserError(f"{src}: give a MindFormers .safetensors or .ckpt file")
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
