@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from qwen15_exp.data.chatml import cut_at_stop, make_context
-from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
+from qwen15_exp.data.chatml import STOP_IDS, cut_at_stop, make_context
+from qwen15_exp.data.tokenizer import load_tokenizer
 
 DEMO_QUESTIONS = ["你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题"]
 
@@ -32,12 +32,6 @@ class ChatSession:
     out: object = sys.stdout
     transcript: object = None             # a path: every turn appended as a JSON line
 
-    def __post_init__(self):
-        # generation ends where the answer ends: at <|im_end|> or a new <|im_start|>, whatever eos says
-        eos = self.gen_kwargs.get("eos_token_id") or []
-        eos = [eos] if isinstance(eos, int) else list(eos)
-        self.gen_kwargs = {**self.gen_kwargs, "eos_token_id": eos + [t for t in (IM_END_ID, IM_START_ID) if t not in eos]}
-
     @property
     def max_window_size(self) -> int:
         return self.generator.seq_length - self.max_new_tokens - 1
@@ -50,7 +44,7 @@ class ChatSession:
         stopped = [False]
 
         def on_token(token: int):
-            if stopped[0] or token in (IM_END_ID, IM_START_ID):
+            if stopped[0] or token in STOP_IDS:
                 stopped[0] = True
                 return
             streamed.append(token)
@@ -64,8 +58,8 @@ class ChatSession:
         answer_ids = cut_at_stop(new_ids)
         answer = self.tokenizer.decode(answer_ids).strip()
         stop = new_ids[len(answer_ids)] if len(answer_ids) < len(new_ids) else None
-        ended = ({IM_END_ID: "<|im_end|>", IM_START_ID: "<|im_start|>"}.get(stop, f"token {stop}")
-                 if stop is not None else f"max_new_tokens={self.max_new_tokens}")
+        ended = (STOP_IDS.get(stop, f"token {stop}") if stop is not None
+                 else f"max_new_tokens={self.max_new_tokens}")
         if not answer_ids:
             self.out.write(f"(no answer: the model's first token was {ended})")
         self.out.write("\n")

@@ -67,3 +67,13 @@ def test_chat_batch_and_predict_run_on_cpu(tmp_path):
     result = read_json(only_run_dir(tmp_path / "p") / "result.json")
     assert result["status"] == "ok" and len(result["generated"]) == 1
     assert result["measured"]["generated_tokens"] > 0 and result["measured"]["tokens_per_s"] > 0
+
+
+def test_chat_generation_ends_where_a_reply_ends():
+    """In the chat template generation stops at <|im_end|> and at a new <|im_start|> (what cut_at_stop cuts),
+    whatever phase.generation.eos_token_id lists; plain predict keeps its eos ids."""
+    from conftest import make_experiment
+    from qwen15_exp.launch.generate import generation_kwargs
+    chat = generation_kwargs(make_experiment(["phase=chat", "phase.generation.eos_token_id=[151643]"]))
+    assert chat["eos_token_id"] == [151643, 151645, 151644]
+    assert generation_kwargs(make_experiment(["phase=predict"]))["eos_token_id"] == [151643]

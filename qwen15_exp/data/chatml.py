@@ -22,6 +22,7 @@ from qwen15_exp.data.tokenizer import ENDOFTEXT, IM_END, IM_END_ID, IM_START, IM
 
 IGNORE = -100
 ASSISTANT_OPENER = f"{IM_START}assistant\n"
+STOP_IDS = {IM_END_ID: IM_END, IM_START_ID: IM_START}     # a reply ends at either
 
 
 def turn(role: str, content: str) -> str:
@@ -59,7 +60,7 @@ def make_context(tokenizer, query: str, history: list[tuple[str, str]], system: 
 def cut_at_stop(new_ids: list[int]) -> list[int]:
     """A reply's ids up to (not including) <|im_end|> or a new <|im_start|>."""
     for i, t in enumerate(new_ids):
-        if t in (IM_END_ID, IM_START_ID):
+        if t in STOP_IDS:
             return new_ids[:i]
     return new_ids
 

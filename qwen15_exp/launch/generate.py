@@ -49,10 +49,16 @@ def load_params(network, checkpoint: str) -> None:
 
 
 def generation_kwargs(exp, seed: int | None = None) -> dict:
-    """MindFormers generate() settings from phase.generation (greedy or sampling, eos ids)."""
+    """MindFormers generate() settings from phase.generation (greedy or sampling, eos ids). In the chat
+    template generation also ends where a reply ends (<|im_end|> or a new <|im_start|>), so what is generated
+    is what is shown."""
+    from qwen15_exp.data.chatml import STOP_IDS
     g = exp.phase.generation
+    eos = list(g.eos_token_id)
+    if exp.phase.chat:
+        eos += [t for t in STOP_IDS if t not in eos]
     kwargs = {"do_sample": g.do_sample, "top_k": g.top_k, "top_p": g.top_p,
-              "repetition_penalty": g.repetition_penalty, "eos_token_id": list(g.eos_token_id)}
+              "repetition_penalty": g.repetition_penalty, "eos_token_id": eos}
     if g.temperature is not None:
         kwargs["temperature"] = g.temperature
     if seed is not None:
