@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
+from qwen15_exp.launch.script import ENV_KEY
 from qwen15_exp.estimate.memory import estimate_memory, kv_heads, stage_layers
 from qwen15_exp.layout import DEGREE_KEYS, layout_of
 
@@ -278,7 +279,6 @@ def check_tokenizer(exp, L) -> list[Problem]:
     return []
 
 
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MEMORY_SIZE = re.compile(r"\s*\d+(\.\d+)?\s*(GB|G|MB|TB)?\s*", re.IGNORECASE)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from qwen15_exp.atomic import write_text
 from qwen15_exp.launch.worker import WORKER_STUB
 from qwen15_exp.lifecycle import set_parent_death_signal
-from qwen15_exp.validate import ENV_KEY
+from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines
 
 
 def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) -> list[str]:
@@ -50,13 +50,7 @@ def node_script(plan, exp, node_rank: int) -> str:
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
     ]
-    names = {"QWEN15_EXP_EXPERIMENT": exp.experiment_name, "QWEN15_EXP_MODEL": exp.model.name,
-             "QWEN15_EXP_PHASE": exp.phase.name, "QWEN15_EXP_LAYOUT": plan.layout.name,
-             "QWEN15_EXP_HARDWARE": exp.hardware.name}
-    for k, v in {**names, **dict(sorted(plan.env.items()))}.items():
-        if not ENV_KEY.fullmatch(k):          # validate() rejects these first; never write one unquoted
-            raise ValueError(f"not an environment variable name: {k!r}")
-        lines.append(f"export {k}={q(str(v))}")
+    lines += export_lines(plan, exp)
     lines += [f"PLANNED_MASTER_ADDR={q(L.master_addr)}", f"PLANNED_MASTER_PORT={q(str(L.master_port))}",
               'MASTER_ADDR="${MASTER_ADDR:-$PLANNED_MASTER_ADDR}"',
               'MASTER_PORT="${MASTER_PORT:-$PLANNED_MASTER_PORT}"']
@@ -64,9 +58,7 @@ def node_script(plan, exp, node_rank: int) -> str:
     quoted = " ".join(q(a) for a in args)
     quoted = quoted.replace(q("--master_addr=MASTER_ADDR_PLACEHOLDER"), '--master_addr="$MASTER_ADDR"')
     quoted = quoted.replace(q("--master_port=0"), '--master_port="$MASTER_PORT"')
-    lines.append(f'exec {quoted} ${{TRAIN_DATA:+--train_dataset_dir "$TRAIN_DATA"}} '
-                 '${LOAD_CHECKPOINT:+--load_checkpoint "$LOAD_CHECKPOINT"} ${RESUME:+--resume "$RESUME"} '
-                 '${SRC_STRATEGY:+--src_strategy "$SRC_STRATEGY"}')
+    lines.append(f"exec {quoted} {WORKER_OPTIONS}")
     return "\n".join(lines) + "\n"
 
 

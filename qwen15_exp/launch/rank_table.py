@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
+from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,7 @@ def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
         "set -uo pipefail",
         'cd "$(dirname "$0")"',
     ]
-    names = {"QWEN15_EXP_EXPERIMENT": exp.experiment_name, "QWEN15_EXP_MODEL": exp.model.name,
-             "QWEN15_EXP_PHASE": exp.phase.name, "QWEN15_EXP_LAYOUT": plan.layout.name,
-             "QWEN15_EXP_HARDWARE": exp.hardware.name, "QWEN15_EXP_SERVER_ID": server.server_id}
-    for k, v in {**names, **dict(sorted(plan.env.items()))}.items():
-        lines.append(f"export {k}={q(str(v))}")
+    lines += export_lines(plan, exp, QWEN15_EXP_SERVER_ID=server.server_id)
     # the planned path in a quoted assignment: inside "${VAR:-...}" quotes would not quote and $( ) would run
     lines += [f"PLANNED_RANK_TABLE={q(str(Path(exp.launch.rank_table).resolve()))}",
               'export RANK_TABLE_FILE="${RANK_TABLE_FILE:-$PLANNED_RANK_TABLE}"',
@@ -99,10 +96,8 @@ def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
               'PYTHON="${PYTHON:-python}"', "mkdir -p rank_log", "pids=()",
               "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null' INT TERM"]
     for d in server.devices:
-        lines.append(f'RANK_ID={d.rank_id} DEVICE_ID={d.device_id} "$PYTHON" worker.py --config mindformers.yaml '
-                     f'${{TRAIN_DATA:+--train_dataset_dir "$TRAIN_DATA"}} '
-                     f'${{LOAD_CHECKPOINT:+--load_checkpoint "$LOAD_CHECKPOINT"}} ${{RESUME:+--resume "$RESUME"}} '
-                     f'> rank_log/rank_{d.rank_id}.log 2>&1 &')
+        lines.append(f'RANK_ID={int(d.rank_id)} DEVICE_ID={int(d.device_id)} "$PYTHON" worker.py --config '
+                     f'mindformers.yaml {WORKER_OPTIONS} > rank_log/rank_{int(d.rank_id)}.log 2>&1 &')
         lines.append("pids+=($!)")
     lines += ["status=0",
               'for pid in "${pids[@]}"; do wait "$pid"; rc=$?; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then '
