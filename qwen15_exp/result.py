@@ -84,7 +84,7 @@ def summary_text(result: dict) -> str:
         f"  parameters {p['params_total']:,}  ({mem['params_per_device']:,} per device"
         + (f"; {p['params_trainable']:,} trainable" if p.get("params_trainable") and
            p["params_trainable"] != p["params_total"] else "") + ")   memory/device "
-        f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({'fits' if mem['fits'] else 'OVER'})",
+        f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({'OVER' if not mem['fits'] else 'tight: over budget, within the estimate uncertainty' if mem.get('tight') else 'fits'})",
         f"  launcher {p['launcher']}: {p['why']}",
     ]
     est = p.get("throughput")

@@ -222,8 +222,10 @@ def check_memory(exp, L, est) -> list[Problem]:
         "hardware", "hardware.max_device_memory",
         f"estimated {est.total_gb:.1f} GB per device (weights {est.weights_gb:.1f} + gradients "
         f"{est.gradients_gb:.1f} + optimizer {est.optimizer_gb:.1f} + activations {est.activations_gb:.1f}"
-        f" + KV cache {est.kv_cache_gb:.1f}) for model {m.name} on {L.name} is over the budget of "
-        f"{est.budget_gb:.0f} GB of {exp.hardware.name}",
+        f" + KV cache {est.kv_cache_gb:.1f}) for model {m.name} on {L.name}"
+        f"{f' (pipeline stage {est.stage})' if L.pipeline_stage > 1 else ''} is over the budget of "
+        f"{est.budget_gb:.0f} GB of {exp.hardware.name} by more than the estimate's "
+        f"{100 * est.uncertainty:.0f} % uncertainty",
         "spread the model over more devices (a larger model_parallel / pipeline_stage), turn on the parallel "
         "optimizer or recompute (phase.recompute.recompute=true), or shorten data.seq_length")]
 

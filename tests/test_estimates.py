@@ -30,10 +30,12 @@ def test_korthikanti_activation_memory_per_layer():
 def test_72b_parameter_memory_under_mp8pp4():
     exp = make_experiment(["model=72b", "parallel=mp8pp4", "hardware=atlas_800t_a2"])
     assert stage_layers(80, 4, 0) == [20, 20, 20, 20]
-    # 20 layers / 8 + the mp-sharded 152064 x 8192 embedding (first stage) + the final norm
+    # the last stage: 20 layers / 8 + the mp-sharded 152064 x 8192 lm_head + the final norm
     assert params_per_device(exp) == 20 * 872_456_192 // 8 + 152064 * 8192 // 8 + 8192 == 2_336_862_208
     mem = estimate_memory(exp)
-    assert mem.weights_gb == pytest.approx(2_336_862_208 * 4 / GB)      # fp32 master weights
+    # the fullest device is on the first stage (embedding, no final norm): it keeps 4 micro-batches in flight
+    assert mem.stage == 0 and mem.params_per_device == 2_336_862_208 - 8192
+    assert mem.weights_gb == pytest.approx((2_336_862_208 - 8192) * 4 / GB)      # fp32 master weights
     assert mem.gradients_gb == pytest.approx(mem.weights_gb)
     assert mem.optimizer_gb == pytest.approx(2 * mem.weights_gb)         # AdamW m and v, dp=1: no sharding
 
@@ -63,8 +65,11 @@ def test_training_flops_per_token():
 def test_pipeline_bubble_and_comm_terms_behave():
     base = estimate_train(make_experiment(["+experiment=recipe/finetune_72b"]))
     more_micro = estimate_train(make_experiment(["+experiment=recipe/finetune_72b", "parallel.micro_batch_num=256"]))
-    assert base.terms_s["pipeline_bubble"] == pytest.approx(base.terms_s["compute"] * 3 / 64)
-    assert more_micro.terms_s["pipeline_bubble"] / more_micro.terms_s["compute"] == pytest.approx(3 / 256)
+    # 1F1B: pp - 1 = 3 idle slots of the slowest stage per step, whatever the number of micro-batches
+    assert more_micro.terms_s["pipeline_bubble"] == pytest.approx(base.terms_s["pipeline_bubble"])
+    assert more_micro.terms_s["compute"] == pytest.approx(4 * base.terms_s["compute"])
+    per_slot = (base.terms_s["compute"] + base.terms_s["launch_overhead"]) / 64
+    assert 3 * per_slot < base.terms_s["pipeline_bubble"] < 3 * per_slot * 1.5      # + the slot's memory traffic
     assert base.terms_s["tensor_parallel_comm"] > 0 and base.terms_s["data_parallel_comm"] == 0
 
 
@@ -94,4 +99,4 @@ def test_training_estimate_accuracy_on_the_900_a2_podc_rows():
     """Constants calibrated on the three 800T A2 training rows; checked on the six 900 A2 PoDc rows."""
     errors = [abs(estimate_train(exp).tokens_per_s_per_device / exp.reference["figure"] - 1)
               for _, exp in published_rows("900_a2_podc")]
-    assert statistics.median(errors) <= 0.20 and max(errors) <= 0.50
+    assert statistics.median(errors) <= 0.15 and max(errors) <= 0.25

@@ -94,6 +94,8 @@ def stage_layers(num_layers: int, pp: int, offset) -> list[int]:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """The fullest device's memory: the pipeline stage that needs most (its layers with `offset`, the
+    embedding on the first stage, lm_head on the last, the micro-batches in flight there)."""
     params_per_device: int
     weights_gb: float
     gradients_gb: float
@@ -102,14 +104,23 @@ class MemoryEstimate:
     kv_cache_gb: float
     total_gb: float
     budget_gb: float
+    uncertainty: float = 0.0          # +- share of total_gb the estimate may be off (hardware.estimate)
+    stage: int = 0                    # the pipeline stage this is (0 with one stage)
 
     @property
     def fits(self) -> bool:
-        return self.budget_gb <= 0 or self.total_gb <= self.budget_gb
+        """Over budget only beyond the estimate's uncertainty: a layout within it is warned about, not
+        rejected (no official recipe may be refused by our own estimate)."""
+        return self.budget_gb <= 0 or self.total_gb * (1 - self.uncertainty) <= self.budget_gb
+
+    @property
+    def tight(self) -> bool:
+        """Fits only within the uncertainty: worth a warning."""
+        return self.fits and self.budget_gb > 0 and self.total_gb > self.budget_gb
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["fits"] = self.fits
+        d["fits"], d["tight"] = self.fits, self.tight
         return d
 
 
@@ -129,16 +140,23 @@ def parse_gb(text: str) -> float:
                         "does, e.g. 58GB") from None
 
 
+def stage_params(exp, layout, stage: int) -> int:
+    """Parameters one device of pipeline stage `stage` holds: its layers / mp, the embedding on the first
+    stage and lm_head on the last (/ mp unless vocab_emb_dp; tied weights are one matrix on one stage)."""
+    m, p, L = exp.model, exp.parallel, layout
+    layers = stage_layers(m.num_layers, L.pipeline_stage, p.offset)[stage]
+    emb = embedding_params(m) / (1 if p.vocab_emb_dp else L.model_parallel)
+    first, last = stage == 0, stage == L.pipeline_stage - 1
+    heads = emb * ((1 if first else 0) + (1 if last and not m.tie_word_embeddings else 0))
+    if m.tie_word_embeddings and last and not first:
+        heads += emb                         # a pipeline keeps a copy of the tied matrix for lm_head
+    return int(layers * layer_params(m) / L.model_parallel + heads + (m.hidden_size if last else 0))
+
+
 def params_per_device(exp, layout=None) -> int:
-    m, p = exp.model, exp.parallel
+    """Parameters of the fullest pipeline stage."""
     L = layout or layout_of(exp)
-    layers = max(stage_layers(m.num_layers, L.pipeline_stage, p.offset))
-    layer_w = layers * layer_params(m) / L.model_parallel
-    emb_shard = 1 if p.vocab_emb_dp else L.model_parallel
-    emb = embedding_params(m) / emb_shard
-    # the embedding sits on the first stage, lm_head on the last; with one stage both are here
-    heads = emb if (m.tie_word_embeddings or L.pipeline_stage > 1) else 2 * emb
-    return int(layer_w + heads + m.hidden_size)
+    return max(stage_params(exp, L, i) for i in range(L.pipeline_stage))
 
 
 def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, seq_parallel: bool, flash: bool,
@@ -153,16 +171,20 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, seq_parallel:
     return s * b * h * (10 + 24 / t + score / t) * scale
 
 
-def activation_bytes(exp, layout, flash: bool, dtype_bytes: int) -> float:
+def activation_bytes(exp, layout, flash: bool, dtype_bytes: int, stage: int = 0) -> float:
+    """Activations stage `stage` keeps: its layers x the micro-batches in flight there under 1F1B (pp - stage:
+    the first stage holds pp of them), + the fp32 logits on the last stage."""
     m, p, ph, L = exp.model, exp.parallel, exp.phase, layout
     s, b = exp.data.seq_length, ph.batch_size
     t = L.model_parallel
-    layers = max(stage_layers(m.num_layers, L.pipeline_stage, p.offset))
+    layers = stage_layers(m.num_layers, L.pipeline_stage, p.offset)[stage]
+    full = ph.recompute.recompute and not ph.recompute.select_recompute   # as MindFormers applies both
     per_layer = layer_activation_bytes(
         s, b, m.hidden_size, m.num_heads, t, p.use_seq_parallel and t > 1, flash, ph.recompute.select_recompute,
-        ph.recompute.recompute, dtype_bytes)
-    in_flight = min(L.pipeline_stage, L.micro_batch_num) if L.pipeline_stage > 1 else 1
-    logits = 4 * s * b * m.vocab_size / (1 if p.vocab_emb_dp else t)   # fp32 logits for the loss
+        full, dtype_bytes)
+    in_flight = min(L.pipeline_stage - stage, L.micro_batch_num) if L.pipeline_stage > 1 else 1
+    last = stage == L.pipeline_stage - 1
+    logits = 4 * s * b * m.vocab_size / (1 if p.vocab_emb_dp else t) if last else 0
     return per_layer * layers * in_flight + logits
 
 
@@ -178,8 +200,13 @@ def estimate_memory(exp, layout=None) -> MemoryEstimate:
 
 
 def _estimate(exp, layout, adapted) -> MemoryEstimate:
+    return max((_stage_estimate(exp, layout, adapted, i) for i in range(layout.pipeline_stage)),
+               key=lambda e: e.total_gb)
+
+
+def _stage_estimate(exp, layout, adapted, stage: int) -> MemoryEstimate:
     ph, p = exp.phase, exp.parallel
-    n = params_per_device(exp, layout)
+    n = stage_params(exp, layout, stage)
     # with LoRA the frozen weights get no gradients or optimizer state; the adapters shard like their layers
     n_train = round(trainable_params(exp.model, ph.lora) * n / total_params(exp.model))
     adapters = n_train if ph.lora is not None else 0
@@ -192,7 +219,7 @@ def _estimate(exp, layout, adapted) -> MemoryEstimate:
     weights = (n + adapters) * w_bytes / shard
     grads = n_train * w_bytes / shard if training else 0
     optimizer = n_train * 8 / shard if training else 0
-    acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes) if training else 0
+    acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes, stage) if training else 0
     kv = kv_cache_bytes(exp, layout, act_bytes) if ph.run_mode == "predict" else 0
     if not training:                                # prefill of one sequence, no stored activations
         acts = 4 * exp.data.seq_length * exp.model.vocab_size / layout.model_parallel
@@ -200,7 +227,8 @@ def _estimate(exp, layout, adapted) -> MemoryEstimate:
     budget = parse_gb(exp.hardware.max_device_memory) or exp.hardware.device_memory_gb
     return MemoryEstimate(
         params_per_device=n, weights_gb=weights / GB, gradients_gb=grads / GB, optimizer_gb=optimizer / GB,
-        activations_gb=acts / GB, kv_cache_gb=kv / GB, total_gb=total / GB, budget_gb=float(budget))
+        activations_gb=acts / GB, kv_cache_gb=kv / GB, total_gb=total / GB, budget_gb=float(budget),
+        uncertainty=float(exp.hardware.estimate.get("memory_uncertainty", 0.0)), stage=stage)
 
 
 def cpu_training_bytes(exp) -> float:

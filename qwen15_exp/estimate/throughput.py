@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from qwen15_exp.adapt import adapt
 from qwen15_exp.estimate.memory import (DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device,
-                                       total_params, trainable_params)
+                                       stage_layers, total_params, trainable_params)
 from qwen15_exp.layout import layout_of
 
 
@@ -49,10 +49,10 @@ def matmul_params(model) -> int:
 
 
 def train_flops_per_token(exp) -> float:
+    """Model FLOPs per trained token (the figure MFU is quoted in): 6 N + 6 L h s (causal attention, half of
+    12 L h s); LoRA: no weight gradients for frozen weights; + one forward under full recompute."""
     m, s = exp.model, exp.data.seq_length
     n, attn = matmul_params(m), m.num_layers * m.hidden_size * s
-    # forward 2N, backward 2N for the activations' gradients and 2N for the weights' - only the trainable
-    # ones under LoRA (frozen weights need no weight gradient)
     weight_grads = 2 * n if exp.phase.lora is None else 2 * min(n, trainable_params(m, exp.phase.lora))
     flops = 4 * n + weight_grads + 6 * attn
     if exp.phase.recompute.recompute:
@@ -62,17 +62,100 @@ def train_flops_per_token(exp) -> float:
     return flops
 
 
-def memory_traffic_bytes(exp, layout) -> float:
-    """Bytes a step moves outside matmuls: the optimizer update (weight, gradient and two AdamW moments,
-    read and written: 32 bytes per fp32 parameter) and the fp32 logits of the loss (about 4 passes)."""
-    p, m, L = exp.parallel, exp.model, layout
-    shard = L.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
+def layer_gemms(m, t: int) -> list[tuple[int, int]]:
+    """(in, out) of each Linear of a decoder layer as one device holds it under model parallel t."""
+    h, f, kv = m.hidden_size, m.intermediate_size, kv_heads(m) * head_dim(m)
+    return [(h, h // t), (h, kv // t), (h, kv // t), (h // t, h),     # wq wk wv, wo
+            (h, f // t), (h, f // t), (f // t, h)]                    # w1 w3 (gate, up), w2 (down)
+
+
+def gemm_flops_bytes(rows: int, k: int, n: int, act_bytes: int) -> tuple[float, float]:
+    """One GEMM [rows, k] x [k, n]: its FLOPs, and the bytes of its operands and result. The bytes are what
+    make small models slow: at h = 1024 a GEMM moves 4x the bytes per FLOP of one at h = 4096."""
+    return 2 * rows * k * n, (rows * k + k * n + rows * n) * act_bytes
+
+
+def elementwise_passes(m, t: int, seq_parallel: bool) -> float:
+    """Tensor elements one token reads or writes per layer forward outside the GEMMs and attention: two
+    RMSNorms (2 h each), two residual adds (3 h each), q/k/v bias and rotary embedding (2 and 3 passes over
+    q and k), attention's q, k, v in and out (4 h), SwiGLU (5 f: gate and up in, silu, product out).
+    Under sequence parallel the h-wide ones run on 1/t of the tokens."""
+    h, f, kv = m.hidden_size, m.intermediate_size, kv_heads(m) * head_dim(m)
+    h_wide = 2 * 2 * h + 2 * 3 * h
+    per_head = (2 * (h + 2 * kv) + 3 * (h + kv) + 2 * h + 2 * kv) / t
+    return (h_wide / t if seq_parallel else h_wide) + per_head + 5 * f / t
+
+
+def recompute_kind(recompute) -> tuple[bool, bool]:
+    """(full, selective) as MindFormers applies them: with both set, selective recompute wins (the recipes'
+    MindFormers, whose published rows these estimates are checked on, recomputes a whole layer only
+    `if recompute and not select_recompute`); selective recomputes SwiGLU's silu and product."""
+    full = bool(recompute.recompute) and not recompute.select_recompute
+    return full, bool(recompute.select_recompute)
+
+
+KERNELS_PER_LAYER = 40        # forward kernels of a decoder layer in MindFormers' graph (GEMMs, norms, rope, ...)
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """One micro-batch's forward and backward through one pipeline stage, in seconds by what limits it."""
+    matmul: float              # GEMM and attention FLOPs at the sustained rates
+    memory: float              # bytes moved by GEMM operands and the element-wise operators
+    launch: float              # kernel dispatch
+
+    @property
+    def seconds(self) -> float:
+        return self.matmul + self.memory + self.launch
+
+
+def stage_work(exp, layout, layers: int, last: bool, c: dict, peak: float, act_bytes: int) -> StageWork:
+    m, ph, p = exp.model, exp.phase, exp.parallel
+    t, s, b = layout.model_parallel, exp.data.seq_length, ph.batch_size
+    rows = s * b
+    bandwidth = exp.hardware.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0)
+    full, select = recompute_kind(ph.recompute)
+    forwards = 2 if full else 1
+    # backward: the activations' gradients (one GEMM per forward GEMM) and the weights' unless frozen (LoRA)
+    gemm_passes = forwards + (1 if ph.lora is not None else 2)
+    layer_flops = layer_bytes = 0.0
+    for k, n in layer_gemms(m, t):
+        f, by = gemm_flops_bytes(rows, k, n, act_bytes)
+        layer_flops, layer_bytes = layer_flops + f * gemm_passes, layer_bytes + by * gemm_passes
+    # causal attention: forward 2 b s^2 h / t FLOPs; a flash-attention backward recomputes the scores (2.5x
+    # the forward), a plain one keeps them (2x) and moves the b a s^2 fp32 score matrix instead
+    flash = adapt(exp).flash_attention
+    attn_flops = 2 * b * s * s * m.hidden_size / t * (forwards + (2.5 if flash else 2.0))
+    if not flash:
+        layer_bytes += b * m.num_heads / t * s * s * 4 * 4 * (forwards + 1)
+    layer_bytes += rows * elementwise_passes(m, t, p.use_seq_parallel and t > 1) * act_bytes * (forwards + 2)
+    if select:                                   # SwiGLU's silu and product once more
+        layer_bytes += rows * 3 * m.intermediate_size / t * act_bytes
+    eff = c["compute_efficiency"]
+    matmul = layers * (layer_flops / (peak * eff) + attn_flops / (peak * eff * c.get("attention_efficiency", 1.0)))
+    memory = layers * layer_bytes / bandwidth
+    launch = layers * KERNELS_PER_LAYER * (forwards + 2) * c.get("kernel_launch_us", 0.0) / 1e6
+    if last:                                     # lm_head, and the fp32 logits of the loss (about 4 passes)
+        vocab = m.vocab_size // (1 if p.vocab_emb_dp else t)
+        f, by = gemm_flops_bytes(rows, m.hidden_size, vocab, act_bytes)
+        matmul += f * (forwards + 2) / (peak * eff)
+        memory += (by * (forwards + 2) + 4 * 4 * rows * vocab) / bandwidth
+    return StageWork(matmul=matmul, memory=memory, launch=launch)
+
+
+def stage_works(exp, layout, c: dict, peak: float, act_bytes: int) -> list[StageWork]:
+    layers = stage_layers(exp.model.num_layers, layout.pipeline_stage, exp.parallel.offset)
+    last = len(layers) - 1
+    return [stage_work(exp, layout, n, i == last, c, peak, act_bytes) for i, n in enumerate(layers)]
+
+
+def optimizer_traffic_bytes(exp, layout) -> float:
+    """The optimizer update: weight, gradient and two AdamW moments, read and written (32 bytes per fp32
+    trainable parameter), on the device's shard."""
+    p, m = exp.parallel, exp.model
+    shard = layout.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
     trainable_share = trainable_params(m, exp.phase.lora) / total_params(m)
-    update = params_per_device(exp, L) * trainable_share / shard * 32
-    micro_batches = L.global_batch / (exp.phase.batch_size * L.data_parallel)
-    vocab_shard = 1 if p.vocab_emb_dp else L.model_parallel
-    logits = 4 * 4 * exp.data.seq_length * exp.phase.batch_size * m.vocab_size / vocab_shard * micro_batches
-    return update + logits
+    return params_per_device(exp, layout) * trainable_share / shard * 32
 
 
 def peak_flops(exp, compute_dtype: str) -> float:
@@ -88,19 +171,23 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
     dtype = adapt(exp).precision
     n_dev, gb, s = L.devices, L.global_batch, exp.data.seq_length
     tokens = gb * s
-    peak = peak_flops(exp, dtype["compute"])
     # peak_tflops is per device; on a CPU it is the node's, shared by the workers msrun starts there
     workers_sharing = L.devices_here if hw.shared_node_compute else 1
-    compute = tokens * train_flops_per_token(exp) / (n_dev * peak / workers_sharing * c["compute_efficiency"])
-    bubble = compute * (L.pipeline_stage - 1) / L.micro_batch_num if L.pipeline_stage > 1 else 0.0
+    peak = peak_flops(exp, dtype["compute"]) / workers_sharing
     act_bytes = DTYPE_BYTES[dtype["compute"]]
+    # the workers of a CPU node share its memory bandwidth as they share its cores
+    shared = dict(c, memory_efficiency=c.get("memory_efficiency", 1.0) / workers_sharing)
+    micro_batches = gb // (exp.phase.batch_size * L.data_parallel)
+    slowest = max(stage_works(exp, L, shared, peak, act_bytes), key=lambda w: w.seconds)
+    # 1F1B: every micro-batch passes the slowest stage; the pipeline fills and drains once a step, which
+    # idles pp - 1 slots of it
+    bubble = (L.pipeline_stage - 1) * slowest.seconds
     t = L.model_parallel
-    micro_batches = gb / (exp.phase.batch_size * L.data_parallel)
     tp = 0.0
     if t > 1:
         per_micro = s * exp.phase.batch_size * m.hidden_size * act_bytes * (t - 1) / t
-        collectives = 8 + (2 if exp.phase.recompute.recompute else 0)
-        layers_here = m.num_layers / L.pipeline_stage
+        collectives = 8 + (2 if recompute_kind(exp.phase.recompute)[0] else 0)
+        layers_here = max(stage_layers(m.num_layers, L.pipeline_stage, exp.parallel.offset))
         tp = collectives * per_micro * layers_here * micro_batches / (hw.intra_node_bandwidth_gbs * 1e9)
     dp = 0.0
     if L.data_parallel > 1:
@@ -110,15 +197,16 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         bw = hw.inter_node_bandwidth_gbs if crosses_nodes else hw.intra_node_bandwidth_gbs
         dp = 2 * (L.data_parallel - 1) / L.data_parallel * grad_bytes / (bw * 1e9)
     exposed = 1.0 - c.get("comm_overlap", 0.0)
-    memory = memory_traffic_bytes(exp, L) * workers_sharing / (
+    compute = micro_batches * slowest.matmul
+    memory = micro_batches * slowest.memory + optimizer_traffic_bytes(exp, L) * workers_sharing / (
         hw.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0))
-    overhead = c.get("step_overhead_ms", 0.0) / 1000
+    overhead = micro_batches * slowest.launch + c.get("step_overhead_ms", 0.0) / 1000
     step = compute + bubble + exposed * (tp + dp) + memory + overhead
     return ThroughputEstimate(
         kind="train", tokens_per_s=tokens / step, tokens_per_s_per_device=tokens / step / n_dev, step_s=step,
         terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
-                 "data_parallel_comm": exposed * dp, "memory_traffic": memory, "step_overhead": overhead},
-        assumptions=f"global batch {gb} x seq {s}; peak {peak / 1e12:.0f} TFLOP/s "
+                 "data_parallel_comm": exposed * dp, "memory_traffic": memory, "launch_overhead": overhead},
+        assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.0f} TFLOP/s "
                     f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}")
 
 
