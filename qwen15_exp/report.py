@@ -80,6 +80,48 @@ def accuracy(rows: list[dict], key: str) -> dict | None:
     return {"n": len(errors), "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors)}
 
 
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None below 3 pairs or without spread."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    if len(xs) < 3:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    if not sx or not sy:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+
+
+def ranking(rows: list[dict]) -> list[str]:
+    """The measured jobs ranked by measurement, beside their estimated rank (a tuned sweep re-ranked)."""
+    measured = [r for r in rows if r["measured"] and r["estimated"]]
+    if len(measured) < 2:
+        return []
+    by_estimate = sorted(measured, key=lambda r: -r["estimated"])
+    out = ["", "Ranked by measurement:", "", "| rank | estimated rank | job | parallel | measured | estimated |",
+           "|---|---|---|---|---|---|"]
+    for i, r in enumerate(sorted(measured, key=lambda r: -r["measured"]), 1):
+        out.append(f"| {i} | {by_estimate.index(r) + 1} | {r['job']} | {r['parallel']} | {r['measured']} | "
+                   f"{r['estimated']} |")
+    rho = spearman([r["estimated"] for r in measured], [r["measured"] for r in measured])
+    if rho is not None:
+        out += ["", f"- Spearman rank correlation, estimated vs measured: {rho:.2f} over {len(measured)} jobs"]
+    return out
+
+
 def markdown(rows: list[dict], title: str) -> str:
     out = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -98,6 +140,7 @@ def markdown(rows: list[dict], title: str) -> str:
             if acc:
                 out.append(f"- {what}, {kind} rows: n={acc['n']}, median |ratio - 1| = "
                            f"{100 * acc['median_abs_error']:.1f} %, worst = {100 * acc['worst_abs_error']:.1f} %")
+    out += ranking(rows)
     out += ["", "Estimates come from qwen15_exp/estimate (FLOPs, bytes and the hardware profile's few constants,",
             "calibrated on the Atlas 800T A2 training rows only). Predict estimates assume batch 1, a 256-token",
             "prompt and 256 new tokens; the published predict figures do not state their batch, so their error",

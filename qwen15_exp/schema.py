@@ -298,6 +298,19 @@ class ChatOptions:
 
 
 @dataclass
+class TuneOptions:
+    """`python -m qwen15_exp.tune`: the device budget, and what to do with the fastest layouts that fit."""
+    devices: Optional[int] = None         # the budget in devices, or
+    nodes: Optional[int] = None           # in nodes of hardware.devices_per_node
+    global_batch: Optional[int] = None    # samples per step; None: the job's own (batch x dp x accumulation)
+    top_k: int = 5
+    name: str = ""                        # experiment/tuned/<name>.yaml; "" = from model, phase, hardware, budget
+    config_dir: str = ""                  # config folder it goes into ("" = the package's conf/)
+    measure: bool = False                 # run the top k for measure_steps steps here and rank by measurement
+    measure_steps: int = 8
+
+
+@dataclass
 class Experiment:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
@@ -307,6 +320,7 @@ class Experiment:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     paths: Paths = field(default_factory=Paths)
     chat: ChatOptions = field(default_factory=ChatOptions)
+    tune: TuneOptions = field(default_factory=TuneOptions)
     experiment_name: str = "default"
     resume: str = ""                      # a run dir to continue from its last complete checkpoint
     reference: Dict[str, Any] = field(default_factory=dict)   # published figure for this run, if any
