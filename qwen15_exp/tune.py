@@ -198,6 +198,19 @@ class TuneResult:
     kept: list                      # Scored, fastest first
     seconds: float
 
+    @property
+    def best(self) -> list:
+        """The fastest variant of each layout (degrees and micro-batch split), fastest first: the settings
+        that barely differ (a recompute that costs nothing here, say) do not crowd the top k."""
+        seen, out = set(), []
+        for s in self.kept:
+            c = s.candidate
+            key = (c.dp, c.mp, c.pp, c.batch_size, c.accumulation)
+            if key not in seen:
+                seen.add(key)
+                out.append(s)
+        return out
+
 
 def tune(exp, devices: int, global_batch: int) -> TuneResult:
     t0 = time.perf_counter()
@@ -244,7 +257,7 @@ def describe(c: Candidate) -> str:
 
 def table(result: TuneResult, top_k: int, base_args: list[str]) -> str:
     lines = [f"  {'#':>2}  {'layout':<34}{'memory/device':>18}{'tokens/s/p':>12}  limited by (then the command)"]
-    for i, s in enumerate(result.kept[:top_k], 1):
+    for i, s in enumerate(result.best[:top_k], 1):
         mem = f"{s.memory_gb:.1f}/{s.budget_gb:.0f} GB" + ("!" if s.tight else " ")
         cmd = " ".join(["python -m qwen15_exp", *base_args, *s.candidate.command_args()])
         lines.append(f"  {i:>2}  {describe(s.candidate):<34}{mem:>18}{s.tokens_per_s_per_device:>12,.0f}  {s.limit}")
@@ -307,14 +320,14 @@ def rank_text(name: str, rank: int, s: Scored) -> str:
 def write_experiment(argv, exp, result: TuneResult, top_k: int, name: str, config_dir: Path) -> Path:
     from qwen15_exp.atomic import write_text
     folder = config_dir / "experiment" / "tuned"
-    best = result.kept[:top_k]
+    best = result.best[:top_k]
     ranks = [f"rank{i}" for i in range(1, len(best) + 1)]
     for stale in (folder / name).glob("rank*.yaml"):
         stale.unlink()
     for rank, s in zip(ranks, best):
         write_text(folder / name / f"{rank}.yaml", rank_text(name, int(rank[4:]), s))
     header = [f"python -m qwen15_exp.tune {' '.join(argv)}",
-              f"the {len(best)} fastest of {len(result.kept)} layouts that fit ({result.searched} searched) on "
+              f"the {len(best)} fastest of {len(result.best)} layouts that fit ({result.searched} settings searched) on "
               f"{result.devices} devices, global batch {result.global_batch}"]
     path = folder / f"{name}.yaml"
     write_text(path, base_experiment_text(argv, exp, name, ranks, header))
@@ -327,8 +340,8 @@ def default_name(exp, devices: int) -> str:
 
 
 def summary(result: TuneResult) -> str:
-    lines = [f"searched {result.searched:,} layouts in {result.seconds:.2f} s: kept {len(result.kept):,}, "
-             f"rejected {sum(result.rejected.values()):,}"]
+    lines = [f"searched {result.searched:,} candidate settings in {result.seconds:.2f} s: kept {len(result.kept):,} "
+             f"({len(result.best):,} distinct layouts), rejected {sum(result.rejected.values()):,}"]
     for reason, n in result.rejected.most_common():
         lines.append(f"  {n:>7,} {reason}")
     return "\n".join(lines)
@@ -393,8 +406,8 @@ def run(argv: list[str]) -> int:
         raise UserError("no layout fits: raise the budget (tune.devices / tune.nodes), shorten data.seq_length, or "
                         "use a smaller global batch (tune.global_batch)")
     base_args = [a for a in argv if not a.startswith("tune.")]
-    print(f"\nfastest {min(opts.top_k, len(result.kept))} (memory '!' = over budget within the estimate's "
-          f"uncertainty):")
+    print(f"\nfastest {min(opts.top_k, len(result.best))} of {len(result.best)} layouts, each with its fastest "
+          "settings (memory '!': over budget, within the estimate's uncertainty):")
     print(table(result, opts.top_k, base_args))
     config_dir = Path(opts.config_dir).expanduser().resolve() if opts.config_dir else conf_dir()
     path = write_experiment(argv, exp, result, opts.top_k, name, config_dir)

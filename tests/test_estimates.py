@@ -8,23 +8,21 @@ from qwen15_exp.estimate.throughput import estimate_predict, estimate_train, mat
 from qwen15_exp.compose import group_options
 from conftest import make_experiment
 
-# GPT-3 175B, the worked example of Korthikanti et al. 2022: s=2048, b=1, h=12288, a=96, t=8.
-GPT3 = dict(s=2048, b=1, h=12288, a=96, t=8)
-
-
-def test_korthikanti_activation_memory_per_layer():
-    sbh = 2048 * 12288
-    # tensor parallel only: sbh (10 + 24/t + 5as/(ht)) = sbh x 23
-    assert layer_activation_bytes(**GPT3, seq_parallel=False, flash=False, selective=False,
-                                  full_recompute=False) == sbh * 23
-    # tensor + sequence parallel + selective recompute: 34 sbh / t
-    assert layer_activation_bytes(**GPT3, seq_parallel=True, flash=False, selective=True,
-                                  full_recompute=False) == 34 * sbh / 8
-    # no parallelism: sbh (34 + 5as/h) = sbh x 114
-    assert layer_activation_bytes(2048, 1, 12288, 96, 1, False, False, False, False) == sbh * 114
-    # full recompute keeps the layer input only: 2 sbh (/t with sequence parallel)
-    assert layer_activation_bytes(**GPT3, seq_parallel=True, flash=False, selective=False,
-                                  full_recompute=True) == 2 * sbh / 8
+def test_activation_memory_per_layer_of_a_qwen_layer():
+    """Counted by hand for Qwen1.5-7B (h 4096, f 11008, 32 heads, no GQA) at s 4096, b 1, 16-bit."""
+    m = make_experiment(["model=7b"]).model
+    s, h, f = 4096, 4096, 11008
+    # norm inputs 2h, q/k/v input h, MLP input h; q, k, v 3h, attention output h; gate, up, silu, product 4f
+    assert layer_activation_bytes(s, 1, m, 1, False, True, False, False) == s * (4 * h + 4 * h + 4 * f) * 2
+    # t = 4 with sequence parallel: everything / 4; selective recompute drops silu and product (2f)
+    assert layer_activation_bytes(s, 1, m, 4, True, True, True, False) == s * (8 * h + 2 * f) * 2 / 4
+    # without sequence parallel the h-wide tensors outside the model-parallel region stay whole
+    assert layer_activation_bytes(s, 1, m, 4, False, True, False, False) == s * (4 * h + (4 * h + 4 * f) / 4) * 2
+    # without flash attention the scores: 5 bytes per score at 16 bit, a s^2 of them per sequence, / t
+    plain = layer_activation_bytes(s, 1, m, 1, False, False, False, False)
+    assert plain - layer_activation_bytes(s, 1, m, 1, False, True, False, False) == 5 * 32 * s * s
+    # full recompute keeps the layer input only
+    assert layer_activation_bytes(s, 1, m, 4, True, True, False, True) == s * h * 2 / 4
 
 
 def test_72b_parameter_memory_under_mp8pp4():

@@ -47,6 +47,13 @@ def total_params(model) -> int:
     return embedding_params(model) + model.num_layers * layer_params(model) + model.hidden_size + lm_head
 
 
+def recompute_kind(recompute) -> tuple[bool, bool]:
+    """(full, selective) as the recipes' MindFormers applies them: a whole layer is recomputed only `if
+    recompute and not select_recompute` (models/utils.py set_layer_stage_recompute, the MindFormers of the
+    published tables); selective recompute is SwiGLU's silu and product."""
+    return bool(recompute.recompute) and not recompute.select_recompute, bool(recompute.select_recompute)
+
+
 def lora_targets(model, lora) -> dict[str, tuple]:
     """The Linear weights LoRA wraps: MindFormers matches `target_modules` against each cell's attribute name
     (wq in model.layers.0.attention.wq)."""
@@ -159,16 +166,23 @@ def params_per_device(exp, layout=None) -> int:
     return max(stage_params(exp, L, i) for i in range(L.pipeline_stage))
 
 
-def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, seq_parallel: bool, flash: bool,
-                           selective: bool, full_recompute: bool, dtype_bytes: int = 2) -> float:
-    """Korthikanti et al. 2022, Table 2: activation bytes one layer keeps for the backward pass."""
-    scale = dtype_bytes / 2                        # the paper counts 16-bit activations
+def layer_activation_bytes(s: int, b: int, m, t: int, seq_parallel: bool, flash: bool, selective: bool,
+                           full_recompute: bool, dtype_bytes: int = 2) -> float:
+    """Bytes one Qwen decoder layer keeps for the backward pass, counted as Korthikanti et al. 2022 count
+    GPT's 34 sbh, for this architecture (no dropout, RMSNorm, SwiGLU, grouped KV heads), in elements of
+    s b: the two norms' inputs (2 h), the q/k/v GEMMs' input (h), q, k, v (h + 2 kv) and the attention
+    output (h), the MLP's input (h), gate, up, silu and product (4 f). Under sequence parallel the h-wide
+    tensors outside the model-parallel region (norm inputs, GEMM inputs) are 1/t; q/k/v, attention and
+    the f-wide ones always are. Without flash attention the b a s^2 scores add softmax and its input
+    (5 bytes per score at 16 bit, as in the paper). Selective recompute (MindFormers': SwiGLU's silu and
+    product) drops 2 f; full recompute keeps the layer input alone."""
+    h, f, kv = m.hidden_size, m.intermediate_size, kv_heads(m) * head_dim(m)
+    outside = (2 * h + h + h) / (t if seq_parallel else 1)     # norm inputs, q/k/v input, MLP input
     if full_recompute:
-        return 2 * s * b * h * scale / (t if seq_parallel else 1)
-    score = 0 if (flash or selective) else 5 * a * s / h
-    if seq_parallel:
-        return s * b * h * (34 + score) / t * scale
-    return s * b * h * (10 + 24 / t + score / t) * scale
+        return s * b * h * dtype_bytes / (t if seq_parallel else 1)
+    inside = (h + 2 * kv + h + (2 if selective else 4) * f) / t
+    scores = 0 if flash else 5 / 2 * m.num_heads * s / t
+    return s * b * ((outside + inside) * dtype_bytes + scores * dtype_bytes)
 
 
 def activation_bytes(exp, layout, flash: bool, dtype_bytes: int, stage: int = 0) -> float:
@@ -178,10 +192,9 @@ def activation_bytes(exp, layout, flash: bool, dtype_bytes: int, stage: int = 0)
     s, b = exp.data.seq_length, ph.batch_size
     t = L.model_parallel
     layers = stage_layers(m.num_layers, L.pipeline_stage, p.offset)[stage]
-    full = ph.recompute.recompute and not ph.recompute.select_recompute   # as MindFormers applies both
-    per_layer = layer_activation_bytes(
-        s, b, m.hidden_size, m.num_heads, t, p.use_seq_parallel and t > 1, flash, ph.recompute.select_recompute,
-        full, dtype_bytes)
+    full, selective = recompute_kind(ph.recompute)
+    per_layer = layer_activation_bytes(s, b, m, t, p.use_seq_parallel and t > 1, flash, selective, full,
+                                       dtype_bytes)
     in_flight = min(L.pipeline_stage - stage, L.micro_batch_num) if L.pipeline_stage > 1 else 1
     last = stage == L.pipeline_stage - 1
     logits = 4 * s * b * m.vocab_size / (1 if p.vocab_emb_dp else t) if last else 0
@@ -217,7 +230,10 @@ def _stage_estimate(exp, layout, adapted, stage: int) -> MemoryEstimate:
     # optimizer state on each device (weights are all-gathered for compute, gradients reduce-scattered)
     shard = layout.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
     weights = (n + adapters) * w_bytes / shard
-    grads = n_train * w_bytes / shard if training else 0
+    # accumulating over micro-batches (pipeline or gradient accumulation) keeps whole gradients: qwen15_exp
+    # writes the recipes' gradient_accumulation_shard: false, so the parallel optimizer does not shard them
+    accumulates = layout.pipeline_stage > 1 or ph.gradient_accumulation_steps > 1
+    grads = n_train * w_bytes / (1 if accumulates else shard) if training else 0
     optimizer = n_train * 8 / shard if training else 0
     acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes, stage) if training else 0
     kv = kv_cache_bytes(exp, layout, act_bytes) if ph.run_mode == "predict" else 0

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from qwen15_exp.adapt import adapt
 from qwen15_exp.estimate.memory import (DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device,
-                                       stage_layers, total_params, trainable_params)
+                                       recompute_kind, stage_layers, total_params, trainable_params)
 from qwen15_exp.layout import layout_of
 
 
@@ -84,14 +84,6 @@ def elementwise_passes(m, t: int, seq_parallel: bool) -> float:
     h_wide = 2 * 2 * h + 2 * 3 * h
     per_head = (2 * (h + 2 * kv) + 3 * (h + kv) + 2 * h + 2 * kv) / t
     return (h_wide / t if seq_parallel else h_wide) + per_head + 5 * f / t
-
-
-def recompute_kind(recompute) -> tuple[bool, bool]:
-    """(full, selective) as MindFormers applies them: with both set, selective recompute wins (the recipes'
-    MindFormers, whose published rows these estimates are checked on, recomputes a whole layer only
-    `if recompute and not select_recompute`); selective recomputes SwiGLU's silu and product."""
-    full = bool(recompute.recompute) and not recompute.select_recompute
-    return full, bool(recompute.select_recompute)
 
 
 KERNELS_PER_LAYER = 40        # forward kernels of a decoder layer in MindFormers' graph (GEMMs, norms, rope, ...)
@@ -195,7 +187,14 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         grad_bytes = params_per_device(exp, L) * trainable_share * DTYPE_BYTES[dtype["param_init"]]
         crosses_nodes = L.nodes > 1 and t * L.pipeline_stage < hw.devices_per_node * L.nodes
         bw = hw.inter_node_bandwidth_gbs if crosses_nodes else hw.intra_node_bandwidth_gbs
-        dp = 2 * (L.data_parallel - 1) / L.data_parallel * grad_bytes / (bw * 1e9)
+        ring = (L.data_parallel - 1) / L.data_parallel
+        if exp.parallel.enable_parallel_optimizer or exp.parallel.optimizer_shard:
+            # the parallel optimizer: gradients reduce-scattered (half an all-reduce), and the updated weight
+            # shards all-gathered in the compute dtype before the next forward
+            weight_bytes = params_per_device(exp, L) * DTYPE_BYTES[dtype["compute"]]
+            dp = ring * (grad_bytes + weight_bytes) / (bw * 1e9)
+        else:
+            dp = 2 * ring * grad_bytes / (bw * 1e9)
     exposed = 1.0 - c.get("comm_overlap", 0.0)
     compute = micro_batches * slowest.matmul
     memory = micro_batches * slowest.memory + optimizer_traffic_bytes(exp, L) * workers_sharing / (
