@@ -206,11 +206,23 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> 
         raise RunInterrupted(f"stopped by {request.name}" + (f" at step {step} (checkpoint saved)" if step else ""),
                              request.signal)
     result["status"] = "ok"
+    if exp.hardware.device_target == "CPU":
+        recalibrate(result)
     if train:
         from qwen15_exp.weights.run_checkpoints import checkpoint_root, prune
         prune(checkpoint_root(run_dir), exp.phase.checkpoint.keep_after_success)
         if exp.phase.checkpoint.keep_after_success == 0:
             result["checkpoint"] = None
+
+
+def recalibrate(result: dict) -> None:
+    from qwen15_exp.estimate.cpu_calibration import check_against_run
+    est = (result.get("plan") or {}).get("throughput") or {}
+    measured = result.get("measured") if isinstance(result.get("measured"), dict) else {}
+    note = check_against_run(est.get("tokens_per_s"), measured.get("tokens_per_s"))
+    if note:
+        result["calibration"] = note
+        print(f"note: {note}", flush=True)
 
 
 def end(result: dict, status: str, error: str, t0: float) -> None:

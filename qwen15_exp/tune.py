@@ -125,7 +125,7 @@ def search_space(exp, devices: int, global_batch: int):
     """Every candidate layout of `devices` devices that keeps `global_batch` samples per step, before any
     estimate. Yields (candidate, None) or (None, reason it is structurally impossible)."""
     m = exp.model
-    can_pipeline = exp.hardware.supports.semi_auto_parallel
+    can_pipeline = exp.hardware.supports.semi_auto_parallel    # also what the parallel optimizer needs
     for mp in model_parallel_options(exp):
         if devices % mp:
             continue
@@ -153,7 +153,7 @@ def search_space(exp, devices: int, global_batch: int):
                     continue
                 for recompute in RECOMPUTE:
                     for sp in ((True, False) if mp > 1 else (False,)):
-                        for po in ((True, False) if dp > 1 else (False,)):
+                        for po in ((True, False) if dp > 1 and can_pipeline else (False,)):
                             for vocab_dp in ((True, False) if mp > 1 else (exp.parallel.vocab_emb_dp,)):
                                 for offset in offsets:
                                     yield Candidate(dp, mp, pp, batch_size, accumulation, recompute, sp, po,

@@ -221,16 +221,21 @@ def estimate_predict(exp, layout=None, prompt_tokens: int = 256, new_tokens: int
     kv_read = batch * avg_context * kv_per_token / mp
     mem_bw = hw.hbm_bandwidth_gbs * 1e9 * c["memory_efficiency"]
     decode = (w_bytes + kv_read) / mem_bw + c.get("decode_overhead_ms", 0.0) / 1000
-    if not adapted.use_past:               # no KV cache (CPU): every token recomputes the whole context
-        decode += 2 * matmul_params(m) * avg_context * batch / (mp * peak * c["compute_efficiency"])
-    prefill = 2 * matmul_params(m) * prompt_tokens * batch / (mp * peak * c["compute_efficiency"])
+    if not adapted.use_past:
+        # no KV cache (CPU): every token runs the whole network over the input padded to seq_length (static
+        # shapes), lm_head included, and the prefill is one such step
+        full_pass = 2 * matmul_params(m) * exp.data.seq_length * batch / (mp * peak * c["compute_efficiency"])
+        decode += full_pass
+        prefill = full_pass
+    else:
+        prefill = 2 * matmul_params(m) * prompt_tokens * batch / (mp * peak * c["compute_efficiency"])
     total = prefill + new_tokens * decode
     tps = batch * new_tokens / total
     return ThroughputEstimate(
         kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / L.devices, step_s=decode,
         terms_s={"decode_per_token": decode, "prefill": prefill, "weights_read_per_token": w_bytes / mem_bw},
         assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, "
-                    f"KV cache {'on' if adapted.use_past else 'off (full recompute per token)'}, "
+                    f"KV cache {'on' if adapted.use_past else f'off (every token recomputes {exp.data.seq_length} positions)'}, "
                     f"HBM {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
 
 
