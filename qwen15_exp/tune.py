@@ -145,6 +145,9 @@ def search_space(exp, devices: int, global_batch: int):
                 offsets.add(balanced_offset(m.num_layers, pp, head_layers(m)))
             for batch_size in divisors(global_batch // dp):
                 accumulation = global_batch // dp // batch_size
+                if pp == 1 and accumulation > 1 and not can_pipeline:
+                    yield None, "gradient accumulation needs semi-auto parallel, which this hardware lacks"
+                    continue
                 if pp > 1 and accumulation < pp:
                     yield None, "fewer micro-batches than pipeline stages"
                     continue
@@ -200,12 +203,14 @@ class TuneResult:
 
     @property
     def best(self) -> list:
-        """The fastest variant of each layout (degrees and micro-batch split), fastest first: the settings
-        that barely differ (a recompute that costs nothing here, say) do not crowd the top k."""
+        """The fastest variant of each layout (degrees, micro-batch split, and whether whole layers are
+        recomputed, which costs a third more compute), fastest first: the settings that barely change the
+        estimate (selective recompute, sequence parallel, parallel optimizer, vocab_emb_dp, offset) do not
+        crowd the top k."""
         seen, out = set(), []
         for s in self.kept:
             c = s.candidate
-            key = (c.dp, c.mp, c.pp, c.batch_size, c.accumulation)
+            key = (c.dp, c.mp, c.pp, c.batch_size, c.accumulation, c.recompute == "full")
             if key not in seen:
                 seen.add(key)
                 out.append(s)

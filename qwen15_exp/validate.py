@@ -202,6 +202,14 @@ def check_model_vs_parallel(exp, L) -> list[Problem]:
                 "parallel", "parallel.micro_batch_num",
                 f"micro_batch_num={L.micro_batch_num} is less than pipeline_stage={pp}: stages would idle",
                 f"use micro_batch_num >= {pp} (recipes use 4-16x the stage count, e.g. {4 * pp})"))
+    ga = exp.phase.gradient_accumulation_steps
+    if exp.phase.trains and ga > 1 and pp == 1 and not exp.hardware.supports.semi_auto_parallel:
+        out.append(Problem(
+            "phase", "phase.gradient_accumulation_steps",
+            f"gradient_accumulation_steps={ga}: MindFormers accumulates only in semi-auto parallel mode, which "
+            f"{exp.hardware.name} lacks; it would reset it to 1 and train on 1/{ga} of the global batch",
+            f"put the samples in the batch instead (the same global batch): phase.batch_size="
+            f"{exp.phase.batch_size * ga} phase.gradient_accumulation_steps=1"))
     if exp.data.seq_length > m.max_position_embedding:
         out.append(Problem("data", "data.seq_length",
                            f"seq_length={exp.data.seq_length} is above max_position_embedding="

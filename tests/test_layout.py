@@ -20,9 +20,9 @@ from qwen15_exp.layout import layout_name, layout_of
      dict(name="dp4mp2", devices=8, nodes=1, devices_here=8, global_batch=4, tokens_per_step=4 * 4096,
           launcher="plan", executes=False)),
     # no pipeline: global batch = batch 2 x dp 2 x accumulation 3 = 12; tiny's seq 128 -> 1536 tokens
-    (["parallel=dp2", "hardware=cpu", "phase.batch_size=2", "phase.gradient_accumulation_steps=3"],
+    (["parallel=dp2", "hardware=atlas_800t_a2", "phase.batch_size=2", "phase.gradient_accumulation_steps=3"],
      dict(name="dp2", devices=2, nodes=1, devices_here=2, global_batch=12, tokens_per_step=1536,
-          launcher="msrun", executes=True)),
+          launcher="plan", executes=False)),
     # pipeline: accumulation is the micro batches (4), not gradient_accumulation_steps
     (["model=7b", "parallel=dp4pp2", "parallel.micro_batch_num=4", "phase.gradient_accumulation_steps=3",
       "hardware=atlas_800t_a2"],
