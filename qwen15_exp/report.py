@@ -81,28 +81,11 @@ def accuracy(rows: list[dict], key: str) -> dict | None:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); None below 3 pairs or without spread."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-    if len(xs) < 3:
+    """Spearman's rank correlation (scipy's); None below 3 pairs or without spread."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
-    sy = sum((b - my) ** 2 for b in ry) ** 0.5
-    if not sx or not sy:
-        return None
-    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+    from scipy.stats import spearmanr
+    return float(spearmanr(xs, ys).statistic)
 
 
 def ranking(rows: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@ selective / full), sequence parallel, the parallel optimizer and vocab_emb_dp.
 """
 from __future__ import annotations
 
-import dataclasses
+import re
 import sys
 import time
 from collections import Counter
@@ -20,16 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
-from qwen15_exp.estimate.memory import estimate_memory, kv_heads, stage_layers
+from qwen15_exp.estimate.memory import estimate_memory, kv_heads, layer_params, stage_layers
 from qwen15_exp.estimate.throughput import estimate_train
-from qwen15_exp.layout import layout_name, layout_of
-from qwen15_exp.schema import Recompute
+from qwen15_exp.layout import layout_name, layout_of, npus_present
+from qwen15_exp.validate import divisors
 
 RECOMPUTE = {"none": (False, False), "selective": (False, True), "full": (True, False)}
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
@@ -78,16 +74,17 @@ def format_value(v) -> str:
 
 
 def apply(exp, c: Candidate):
-    """The experiment with this layout (shallow copies: the search builds thousands)."""
-    full, select = RECOMPUTE[c.recompute]
-    parallel = replace(exp.parallel, data_parallel=c.dp, model_parallel=c.mp, pipeline_stage=c.pp,
-                       micro_batch_num=c.accumulation if c.pp > 1 else 1, use_seq_parallel=c.seq_parallel,
-                       enable_parallel_optimizer=c.parallel_optimizer, optimizer_shard=None,
-                       vocab_emb_dp=c.vocab_emb_dp, offset=list(c.offset) if isinstance(c.offset, tuple) else c.offset,
-                       nodes=None, name=c.name)
-    phase = replace(exp.phase, batch_size=c.batch_size, gradient_accumulation_steps=1 if c.pp > 1 else c.accumulation,
-                    recompute=replace(exp.phase.recompute, recompute=full, select_recompute=select))
-    return replace(exp, parallel=parallel, phase=phase)
+    """The experiment with this layout: the keys of `c.overrides()` set on shallow copies of the groups they
+    touch (the search builds thousands)."""
+    groups = {"parallel": replace(exp.parallel, optimizer_shard=None, nodes=None, name=c.name),
+              "phase": replace(exp.phase, recompute=replace(exp.phase.recompute))}
+    for key, value in c.overrides().items():
+        *path, leaf = key.split(".")
+        node = groups[path[0]]
+        for part in path[1:]:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return replace(exp, **groups)
 
 
 def balanced_offset(num_layers: int, pp: int, head_layers: float):
@@ -109,7 +106,6 @@ def balanced_offset(num_layers: int, pp: int, head_layers: float):
 
 def head_layers(model) -> float:
     """lm_head's work in decoder layers (matmul parameters: vocab x h against a layer's)."""
-    from qwen15_exp.estimate.memory import layer_params
     return model.vocab_size * model.hidden_size / layer_params(model)
 
 
@@ -272,7 +268,7 @@ def table(result: TuneResult, top_k: int, base_args: list[str]) -> str:
 
 # --- the command: compose, search, print, write the experiment file, measure ------------------------------
 
-NAME_OK = __import__("re").compile(r"[A-Za-z_][A-Za-z0-9_-]*")      # a Hydra key: no leading digit, no dot
+NAME_OK = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")      # a Hydra key: no leading digit, no dot
 
 
 def group_of(arg: str) -> tuple[str, str, str] | None:
@@ -421,11 +417,9 @@ def run(argv: list[str]) -> int:
     print(f"\nwrote {path}\n  plan or run them as a sweep: python -m qwen15_exp{flag} -m +experiment=tuned/{name}")
     if not opts.measure:
         return 0
-    if not layout_of(exp).executes and exp.hardware.device_target != "CPU":
-        from qwen15_exp.layout import npus_present
-        if not npus_present():
-            raise UserError(f"tune.measure=true runs the layouts, but hardware={exp.hardware.name} is not here "
-                            "(no NPUs); measure on the cluster, or tune with hardware=cpu")
+    if exp.hardware.device_target != "CPU" and not npus_present():
+        raise UserError(f"tune.measure=true runs the layouts, but hardware={exp.hardware.name} is not here "
+                        "(no NPUs); measure on the cluster, or tune with hardware=cpu")
     sweep_dir, code = measure(name, custom, opts.measure_steps)
     print(measured_table(sweep_dir))
     print(f"\nsweep report: {sweep_dir / 'sweep_report.md'}")

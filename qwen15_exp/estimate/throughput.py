@@ -55,10 +55,8 @@ def train_flops_per_token(exp) -> float:
     n, attn = matmul_params(m), m.num_layers * m.hidden_size * s
     weight_grads = 2 * n if exp.phase.lora is None else 2 * min(n, trainable_params(m, exp.phase.lora))
     flops = 4 * n + weight_grads + 6 * attn
-    if exp.phase.recompute.recompute:
+    if recompute_kind(exp.phase.recompute)[0]:     # selective recompute redoes element-wise work only
         flops += 2 * n + 2 * attn
-    elif exp.phase.recompute.select_recompute:
-        flops += 2 * attn
     return flops
 
 
@@ -101,11 +99,14 @@ class StageWork:
         return self.matmul + self.memory + self.launch
 
 
-def stage_work(exp, layout, layers: int, last: bool, c: dict, peak: float, act_bytes: int) -> StageWork:
+def layer_and_head_work(exp, layout, c: dict, peak: float, act_bytes: int) -> tuple[StageWork, StageWork]:
+    """One micro-batch's forward and backward through one decoder layer, and through lm_head and the loss
+    (the last stage's extra)."""
     m, ph, p = exp.model, exp.phase, exp.parallel
     t, s, b = layout.model_parallel, exp.data.seq_length, ph.batch_size
     rows = s * b
     bandwidth = exp.hardware.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0)
+    eff = c["compute_efficiency"]
     full, select = recompute_kind(ph.recompute)
     forwards = 2 if full else 1
     # backward: the activations' gradients (one GEMM per forward GEMM) and the weights' unless frozen (LoRA)
@@ -123,22 +124,26 @@ def stage_work(exp, layout, layers: int, last: bool, c: dict, peak: float, act_b
     layer_bytes += rows * elementwise_passes(m, t, p.use_seq_parallel and t > 1) * act_bytes * (forwards + 2)
     if select:                                   # SwiGLU's silu and product once more
         layer_bytes += rows * 3 * m.intermediate_size / t * act_bytes
-    eff = c["compute_efficiency"]
-    matmul = layers * (layer_flops / (peak * eff) + attn_flops / (peak * eff * c.get("attention_efficiency", 1.0)))
-    memory = layers * layer_bytes / bandwidth
-    launch = layers * KERNELS_PER_LAYER * (forwards + 2) * c.get("kernel_launch_us", 0.0) / 1e6
-    if last:                                     # lm_head, and the fp32 logits of the loss (about 4 passes)
-        vocab = m.vocab_size // (1 if p.vocab_emb_dp else t)
-        f, by = gemm_flops_bytes(rows, m.hidden_size, vocab, act_bytes)
-        matmul += f * (forwards + 2) / (peak * eff)
-        memory += (by * (forwards + 2) + 4 * 4 * rows * vocab) / bandwidth
-    return StageWork(matmul=matmul, memory=memory, launch=launch)
+    layer = StageWork(
+        matmul=layer_flops / (peak * eff) + attn_flops / (peak * eff * c.get("attention_efficiency", 1.0)),
+        memory=layer_bytes / bandwidth,
+        launch=KERNELS_PER_LAYER * (forwards + 2) * c.get("kernel_launch_us", 0.0) / 1e6)
+    # lm_head, and the fp32 logits of the loss (about 4 passes)
+    vocab = m.vocab_size // (1 if p.vocab_emb_dp else t)
+    f, by = gemm_flops_bytes(rows, m.hidden_size, vocab, act_bytes)
+    head = StageWork(matmul=f * (forwards + 2) / (peak * eff),
+                     memory=(by * (forwards + 2) + 4 * 4 * rows * vocab) / bandwidth, launch=0.0)
+    return layer, head
 
 
 def stage_works(exp, layout, c: dict, peak: float, act_bytes: int) -> list[StageWork]:
+    """Each pipeline stage: its layers (with `offset`), lm_head on the last."""
+    layer, head = layer_and_head_work(exp, layout, c, peak, act_bytes)
     layers = stage_layers(exp.model.num_layers, layout.pipeline_stage, exp.parallel.offset)
     last = len(layers) - 1
-    return [stage_work(exp, layout, n, i == last, c, peak, act_bytes) for i, n in enumerate(layers)]
+    return [StageWork(matmul=n * layer.matmul + (head.matmul if i == last else 0.0),
+                      memory=n * layer.memory + (head.memory if i == last else 0.0), launch=n * layer.launch)
+            for i, n in enumerate(layers)]
 
 
 def optimizer_traffic_bytes(exp, layout) -> float:
@@ -206,7 +211,8 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
                  "data_parallel_comm": exposed * dp, "memory_traffic": memory, "launch_overhead": overhead},
         assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.0f} TFLOP/s "
-                    f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}")
+                    f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}; model FLOPs "
+                    f"utilisation {tokens / step / n_dev * train_flops_per_token(exp) / (peak * workers_sharing):.0%}")
 
 
 def estimate_predict(exp, layout=None, prompt_tokens: int = 256, new_tokens: int = 256) -> ThroughputEstimate:
