@@ -68,9 +68,10 @@ def main() -> None:
         report_user_error(message)
         sys.exit(2)
     run_app("config", task)
-    if _jobs["failed"]:
-        report_user_error(f"{len(_jobs['failed'])} job(s) did not end ok (see sweep_report.md): "
-                          f"{', '.join(_jobs['failed'])}")
+    from qwen15_exp.report import FAILED_JOBS
+    failed = sorted(set(_jobs["failed"]) | set(FAILED_JOBS))      # FAILED_JOBS: jobs run by other processes too
+    if failed:
+        report_user_error(f"{len(failed)} job(s) did not end ok (see sweep_report.md): {', '.join(failed)}")
         sys.exit(1)
 
 

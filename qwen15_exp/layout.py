@@ -46,8 +46,8 @@ class Layout:
 
     @property
     def devices_here(self) -> int:
-        """Devices (workers) on one node."""
-        return min(self.devices, self.devices_per_node)
+        """Devices (workers) on one node: the devices split evenly over the nodes (validate checks it)."""
+        return max(1, self.devices // self.nodes)
 
     @property
     def name(self) -> str:

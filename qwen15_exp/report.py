@@ -198,11 +198,21 @@ def sweep_title(config) -> str:
     return " ".join(overrides) or str(config.get("experiment_name", ""))
 
 
+FAILED_JOBS: list[str] = []       # the run dirs of the last sweep's jobs that did not end ok (read by __main__)
+
+
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """Jobs of a sweep that did not end ok, from their result.json: the truth whatever ran them (this process,
+    submitit's local processes or Slurm jobs on other nodes)."""
+    return [str(Path(sweep_dir) / r["job"]) for r in collect(Path(sweep_dir)) if r["status"] not in ("ok", "planned")]
+
+
 class SweepReport(Callback):
     """Hydra callback: write the sweep report when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        FAILED_JOBS[:] = failed_jobs(sweep_dir)
         paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {sweep_title(config)}")
         if paths:
             print(f"sweep report: {paths[0]}")

@@ -125,6 +125,10 @@ def summary_text(result: dict) -> str:
         master = "" if result.get("launch_by") == "rank_table" else "MASTER_ADDR=<node 0 address> "
         for i, script in enumerate(result.get("launch_scripts", [])):
             lines.append(f"    node {i}: {master}TRAIN_DATA=<dataset dir> bash {shlex.quote(script)}")
+        if master and result.get("launch_scripts"):
+            folder = shlex.quote(str(Path(result["launch_scripts"][0]).parent))
+            lines.append(f"  or on a Slurm cluster (shared storage): cd {folder} && TRAIN_DATA=<dataset dir> "
+                         "sbatch slurm.sbatch")
         if result.get("phase") != "predict" and result.get("launch_scripts"):
             lines.append("  to continue after a stop, add RESUME=<run dir>/output/checkpoint (and SRC_STRATEGY=<its "
                          "output/strategy> if the layout changed)")

@@ -276,6 +276,15 @@ class DataConfig:
 
 
 @dataclass
+class SlurmOptions:
+    """What a plan's slurm.sbatch asks Slurm for (one task per node; the nodes come from the layout)."""
+    partition: str = ""                   # "" = the cluster's default partition
+    time_min: int = 1440                  # the job's time limit
+    cpus_per_task: Optional[int] = None   # None = Slurm's default; a node's msrun starts every worker
+    exclusive: bool = True                # whole nodes: msrun places one worker per NPU
+
+
+@dataclass
 class LaunchConfig:
     """Where and how the run starts."""
     mode: LaunchMode = LaunchMode.auto
@@ -283,9 +292,10 @@ class LaunchConfig:
     master_port: int = 8118
     cluster_time_out: int = 7200
     stop_grace_s: float = 120.0           # after SIGINT/SIGTERM: time the workers get to checkpoint and exit
-    join: bool = False
+    join: bool = True                     # node scripts wait for their workers and exit with their status
     node_rank: Optional[int] = None       # set on a cluster node to run that node's share
     rank_table: str = ""                  # an HCCL rank table (hccl.json): per-device processes instead of msrun
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
 
 @dataclass

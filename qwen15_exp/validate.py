@@ -102,13 +102,13 @@ def check_devices(exp, L) -> list[Problem]:
     n_dev, per_node, terms = L.devices, hw.devices_per_node, L.terms
     out = []
     if p.nodes:
-        if p.nodes * per_node < n_dev or (n_dev > per_node and p.nodes * per_node != n_dev):
+        if n_dev % p.nodes or n_dev // p.nodes > per_node:
             out.append(Problem(
                 "parallel", "parallel.nodes",
-                f"{terms} = {n_dev} devices, but nodes={p.nodes} x devices_per_node={per_node} of "
-                f"hardware {hw.name} = {p.nodes * per_node}",
+                f"{terms} = {n_dev} devices do not split evenly over nodes={p.nodes} with at most "
+                f"devices_per_node={per_node} of hardware {hw.name} on each",
                 f"set parallel.nodes={max(1, -(-n_dev // per_node))} or change the degrees so their product "
-                f"is {p.nodes * per_node}"))
+                f"is a multiple of {p.nodes} and at most {p.nodes * per_node}"))
     elif n_dev > per_node and n_dev % per_node:
         out.append(Problem(
             "parallel", "parallel.data_parallel",
@@ -132,14 +132,27 @@ def check_devices(exp, L) -> list[Problem]:
 
 
 def check_lora_targets(exp) -> list[Problem]:
+    from fnmatch import fnmatch
+
     from qwen15_exp.estimate.memory import lora_targets
-    lora = exp.phase.lora
-    if lora is None or lora_targets(exp.model, lora):
-        return []
-    return [Problem("phase", "phase.lora.target_modules",
-                    f"{lora.target_modules!r} matches no Linear layer of model {exp.model.name} (MindFormers matches "
-                    "attribute names: wq wk wv wo of attention, w1 w2 w3 of feed_forward, lm_head)",
-                    "e.g. phase.lora.target_modules='.*wq|.*wk|.*wv|.*wo'")]
+    from qwen15_exp.weights.shapes import expected_shapes
+    lora, out = exp.phase.lora, []
+    if lora is None:
+        return out
+    if not lora_targets(exp.model, lora):
+        out.append(Problem("phase", "phase.lora.target_modules",
+                           f"{lora.target_modules!r} matches no Linear layer of model {exp.model.name} (MindFormers "
+                           "matches attribute names: wq wk wv wo of attention, w1 w2 w3 of feed_forward, lm_head)",
+                           "e.g. phase.lora.target_modules='.*wq|.*wk|.*wv|.*wo'"))
+    # MindFormers' freeze_exclude matches with fnmatch: a regex such as '.*norm.*' silently keeps nothing trainable
+    names = list(expected_shapes(exp.model))
+    for pattern in lora.trainable:
+        if not any(fnmatch(name, pattern) for name in names):
+            out.append(Problem("phase", "phase.lora.trainable",
+                               f"{pattern!r} matches no parameter of model {exp.model.name} (names look like "
+                               f"{names[1]}; the patterns are shell-style, as MindFormers' freeze_exclude, not regexes)",
+                               "e.g. phase.lora.trainable=['*norm*'] (every norm) or ['*tok_embeddings*']"))
+    return out
 
 
 def check_model_vs_parallel(exp, L) -> list[Problem]:

@@ -3,7 +3,9 @@ import json
 import os
 import stat
 import subprocess
+import sys
 
+import psutil
 import pytest
 
 from conftest import only_run_dir, read_json, run_cli
@@ -40,10 +42,10 @@ def test_plan_writes_one_quoted_msrun_script_per_node(tmp_path):
         out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         call = json.loads(out.stdout)
-        assert call["argv"][:8] == ["--worker_num=32", "--local_worker_num=8", f"--master_addr={hostile}",
-                                    "--master_port=9123", f"--node_rank={rank}", "--log_dir=msrun_log",
-                                    "--join=False", "--cluster_time_out=7200"]
-        assert call["argv"][8:] == ["worker.py", "--config", "mindformers.yaml"]
+        assert call["argv"][:9] == ["--worker_num=32", "--local_worker_num=8", f"--master_addr={hostile}",
+                                    "--master_port=9123", f"--node_rank={rank}", f"--log_dir=msrun_log/node{rank}",
+                                    "--join=True", f"--tail_worker_log={8 * rank}", "--cluster_time_out=7200"]
+        assert call["argv"][9:] == ["worker.py", "--config", "mindformers.yaml"]
         assert call["env"] == {"MS_ASCEND_CHECK_OVERFLOW_MODE": "INFNAN_MODE", "HCCL_BUFFSIZE": "2 $(touch PWNED2)"}
         assert call["cwd"] == str(run_dir)
     # overrides at launch time reach msrun and the worker
@@ -74,7 +76,7 @@ def test_data_parallel_on_cpu_through_msrun(tmp_path):
     assert all(len(rk["loss"]) == 6 for rk in m["ranks"])
     assert m["ranks"][0]["loss"] != m["ranks"][1]["loss"]              # each rank reads its own shard
     assert m["steps"] == 6 and m["tokens_per_s"] > 0 and m["loss_decreased"]
-    assert (run_dir / "msrun_log").is_dir()
+    assert (run_dir / "msrun_log" / "node0").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "outputs"]
 
 
@@ -108,3 +110,72 @@ def test_predict_plan_runs_through_msrun_and_trainer_predict(tmp_path):
     assert (run_dir / "tokenizer.json").is_file() and read_json(run_dir / "predict_data.json")["inputs"] == ["hello world"]
     ranks = read_json(run_dir / "result.json")["measured"]["ranks"]
     assert len(ranks) == 1 and ranks[0]["generated"][0].startswith("hello world")
+
+
+@pytest.mark.parametrize("overrides, per_node", [
+    (["model=7b", "parallel=dp8", "hardware=atlas_800t_a2", "phase.max_steps=100"], 8),
+    (["model=72b", "phase=finetune", "parallel=mp8pp4", "phase.max_steps=100"], 8),
+    (["hardware=cpu", "parallel=dp2", "parallel.nodes=2", "launch.mode=plan", "phase.max_steps=100"], 1)])
+def test_a_plan_keeps_max_steps_and_splits_workers_over_nodes(tmp_path, overrides, per_node):
+    """Plans stop where the user asked (the report: a 100-step Ascend plan trained a whole epoch), and each
+    node's script starts its own share of the workers (the report: 2 x 2 workers for a world of 2)."""
+    import yaml
+    r = run_cli(overrides, tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = only_run_dir(tmp_path)
+    cfg = yaml.safe_load((run_dir / "mindformers.yaml").read_text())
+    assert {"type": "TrainCallBack", "stop_step": 100} in cfg["callbacks"]
+    assert cfg["lr_schedule"]["total_steps"] == 100
+    for script in run_dir.glob("launch_node*.sh"):
+        assert f"--local_worker_num={per_node} " in script.read_text()
+
+
+def test_nodes_must_split_the_devices_evenly(tmp_path):
+    r = run_cli(["hardware=cpu", "parallel=dp2", "parallel.nodes=3", "launch.mode=plan"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "do not split evenly over nodes=3" in r.stderr and "parallel.nodes=1" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_node_scripts_rendezvous_on_this_machine_and_train_as_dp2(tmp_path):
+    """The plan's launch_node0.sh and launch_node1.sh, started as two processes as the plan says (master address
+    127.0.0.1), find each other through msrun's multi-node options and train exactly as dp2 on one node."""
+    import signal
+    import socket
+    one = run_cli(["parallel=dp2", "hardware=cpu", "phase.max_steps=6"], tmp_path / "one")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    one_dir = only_run_dir(tmp_path / "one")
+    dataset = yaml_of(one_dir)["train_dataset"]["data_loader"]["dataset_dir"]
+    one_losses = {rk["rank"]: rk["loss"] for rk in read_json(one_dir / "result.json")["measured"]["ranks"]}
+
+    r = run_cli(["parallel=dp2", "hardware=cpu", "parallel.nodes=2", "launch.mode=plan", "phase.max_steps=6"],
+                tmp_path / "two")
+    assert r.returncode == 0, r.stderr
+    assert "MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash" in r.stdout
+    run_dir = only_run_dir(tmp_path / "two")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TRAIN_DATA": dataset}
+    nodes = [subprocess.Popen(["bash", str(run_dir / f"launch_node{r}.sh")], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for r in (1, 0)]                              # node 1 first: it waits for node 0's scheduler
+    try:
+        codes = [p.wait(timeout=600) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert codes == [0, 0]                                 # --join=True: each node returns its workers' status
+    for node in (0, 1):                                    # each node ran exactly its own worker, logged apart
+        assert sorted(p.name for p in (run_dir / "msrun_log" / f"node{node}").glob("worker_*.log")) == [
+            f"worker_{node}.log"]
+    two_losses = {rank: read_json(run_dir / f"rank_{rank}.json")["losses"] for rank in (0, 1)}
+    assert two_losses == one_losses and all(len(v) == 6 for v in two_losses.values())
+    assert not [p for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == str(run_dir)]    # nothing left
+
+
+def yaml_of(run_dir):
+    import yaml
+    return yaml.safe_load((run_dir / "mindformers.yaml").read_text())

@@ -236,3 +236,11 @@ def test_adapters_merge_into_a_bf16_base_streamed_and_in_its_dtype(tmp_path, mon
     assert merged["model.norm_out.weight"].tolist() == norm.tolist()
     expected = f32_to_bf16(bf16_to_f32(w) + 2.0 * (b @ a))
     assert merged["model.layers.0.attention.wq.weight"].tolist() == expected.tolist()
+
+
+def test_a_regex_as_a_trainable_pattern_is_explained():
+    """MindFormers matches freeze_exclude with fnmatch: '.*norm.*' kept nothing trainable, silently."""
+    from qwen15_exp.validate import validate
+    problems = validate(make_experiment(["phase=lora", "phase.lora.trainable=['.*norm.*','*norm*']"]))
+    bad = [p for p in problems if p.key == "phase.lora.trainable"]
+    assert len(bad) == 1 and "'.*norm.*' matches no parameter" in bad[0].message and "'*norm*'" in bad[0].fix

@@ -25,12 +25,19 @@ from qwen15_exp.lifecycle import set_parent_death_signal
 from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines
 
 
+def node_log_dir(node_rank: int) -> str:
+    """Each node's msrun logs in a folder of its own, so nodes that share storage do not overwrite them."""
+    return f"msrun_log/node{int(node_rank)}"
+
+
 def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) -> list[str]:
+    """With --join=True (launch.join, the default) msrun waits for this node's workers and exits non-zero when
+    one fails, so a wrapper (Slurm, a shell) sees the outcome; the console follows the node's first worker."""
     per_node = plan.layout.devices_here
     return ["msrun", f"--worker_num={plan.layout.devices}", f"--local_worker_num={per_node}",
             f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
-            "--log_dir=msrun_log", f"--join={exp.launch.join or plan.layout.nodes == 1}",
-            f"--cluster_time_out={exp.launch.cluster_time_out}",
+            f"--log_dir={node_log_dir(node_rank)}", f"--join={exp.launch.join or (plan.layout.executes and plan.layout.nodes == 1)}",
+            f"--tail_worker_log={node_rank * per_node}", f"--cluster_time_out={exp.launch.cluster_time_out}",
             "worker.py", "--config", "mindformers.yaml"]
 
 
@@ -50,7 +57,7 @@ def node_script(plan, exp, node_rank: int) -> str:
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
     ]
-    lines += export_lines(plan, exp)
+    lines += export_lines(plan, exp, QWEN15_EXP_NODE_RANK=str(int(node_rank)))
     lines += [f"PLANNED_MASTER_ADDR={q(L.master_addr)}", f"PLANNED_MASTER_PORT={q(str(L.master_port))}",
               'MASTER_ADDR="${MASTER_ADDR:-$PLANNED_MASTER_ADDR}"',
               'MASTER_PORT="${MASTER_PORT:-$PLANNED_MASTER_PORT}"']
@@ -71,8 +78,10 @@ def write_launch_files(plan, exp) -> list[Path]:
         servers = rank_table.read_rank_table(exp.launch.rank_table)
         return [write_text(run_dir / f"launch_node{r}.sh", rank_table.node_script(plan, exp, r, servers), mode=0o755)
                 for r in range(len(servers))]
+    from qwen15_exp.launch.slurm import write_sbatch
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
                for r in range(plan.layout.nodes)]
+    write_sbatch(plan, exp)                       # the same scripts, one `sbatch` away on a Slurm cluster
     return scripts
 
 
@@ -127,7 +136,7 @@ def stop_tree(proc: subprocess.Popen, known: list) -> None:
 
 
 def worker_log_tail(run_dir: Path, chars: int = 2000) -> str:
-    logs = sorted((run_dir / "msrun_log").glob("*.log"), key=lambda p: p.stat().st_mtime)
+    logs = sorted((run_dir / "msrun_log").rglob("worker_*.log"), key=lambda p: p.stat().st_mtime)
     return logs[-1].read_text(errors="replace")[-chars:] if logs else ""
 
 

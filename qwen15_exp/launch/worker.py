@@ -71,8 +71,18 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def scheduler_elsewhere() -> bool:
+    """msrun starts the cluster's scheduler (this script with MS_ROLE=MS_SCHED) on every node whose address is
+    the master address: on one machine standing in for several nodes, every node. It belongs to node 0."""
+    node = os.environ.get("QWEN15_EXP_NODE_RANK", "0")
+    return os.environ.get("MS_ROLE") == "MS_SCHED" and node.isdigit() and int(node) != 0
+
+
 def main(argv=None) -> None:
     t0 = time.time()
+    if scheduler_elsewhere():
+        print(f"node {os.environ['QWEN15_EXP_NODE_RANK']}: the scheduler runs on node 0; not starting another")
+        return
     die_with_parent()
     args = parse_args(argv)
     yaml_path = Path(args.config).resolve()
