@@ -5,6 +5,7 @@ import platform
 import shlex
 import statistics
 from importlib import metadata
+from pathlib import Path
 
 
 def versions() -> dict:

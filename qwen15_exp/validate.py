@@ -43,6 +43,9 @@ def check_ranges(exp) -> list[Problem]:
     if exp.phase.max_steps is not None and exp.phase.max_steps < 1:
         out.append(Problem("phase", "phase.max_steps", f"is {exp.phase.max_steps}, must be at least 1",
                            "set phase.max_steps to a positive number of steps, or null to run every epoch"))
+    if not 0 <= exp.phase.seed < 2 ** 32:               # MindSpore's set_seed takes an unsigned 32-bit seed
+        out.append(Problem("phase", "phase.seed", f"is {exp.phase.seed}, must be in 0 .. 2^32-1",
+                           "set phase.seed to a non-negative number, e.g. phase.seed=42"))
     ck = exp.phase.checkpoint
     if ck.keep_max < 2:
         out.append(Problem("phase", "phase.checkpoint.keep_max",
