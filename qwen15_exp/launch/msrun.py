@@ -78,7 +78,7 @@ def write_launch_files(plan, exp) -> list[Path]:
         servers = rank_table.read_rank_table(exp.launch.rank_table)
         return [write_text(run_dir / f"launch_node{r}.sh", rank_table.node_script(plan, exp, r, servers), mode=0o755)
                 for r in range(len(servers))]
-    from qwen15_exp.launch.slurm import write_sbatch
+    from qwen15_exp.launch.sbatch import write_sbatch
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
                for r in range(plan.layout.nodes)]
     write_sbatch(plan, exp)                       # the same scripts, one `sbatch` away on a Slurm cluster

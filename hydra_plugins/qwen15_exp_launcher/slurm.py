@@ -1,20 +1,14 @@
-"""Slurm: sweeps through Hydra's submitit launcher, and one `sbatch` for a planned multi-node msrun job.
-
-`hydra/launcher=slurm` is Hydra's submitit Slurm launcher with one change: a job that Slurm ends without a
+"""`hydra/launcher=slurm`: Hydra's submitit Slurm launcher with one change: a job that Slurm ends without a
 result (cancelled, out of time or memory, its node lost) is recorded as failed in its run dir and the sweep
 goes on to its report, where submitit's own launcher would abort the whole sweep with a traceback.
 
-A plan whose launcher is msrun also gets `slurm.sbatch`: one task per node, each running that node's
-launch_node<R>.sh with the first node of the allocation as the master address.
+submitit learns that a job ended without a result from `sacct`, so that needs Slurm's accounting.
 """
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
-
-from qwen15_exp.atomic import write_text
 
 
 class _RecordedFailure:
@@ -56,6 +50,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
             nums = iterables[2]                          # (overrides, dir key, job num, job id, singleton state)
             return [_RecordedFailure(job, sweep_dir / str(num)) for job, num in zip(jobs, nums)]
 
+        # submitit's launcher reads every job's results() in one list comprehension; the jobs it gets back from
+        # map_array are wrapped so that one job's failure is recorded instead of raised
         submitit.AutoExecutor.map_array = tolerant_map_array
         try:
             returns = super().launch(job_overrides, initial_job_idx)
@@ -67,41 +63,3 @@ class SlurmLauncher(SubmititSlurmLauncher):
 def _empty_return(overrides):
     from hydra.core.utils import JobReturn, JobStatus
     return JobReturn(overrides=list(overrides), return_value=None, status=JobStatus.COMPLETED)
-
-
-def sbatch_script(plan, exp) -> str:
-    """One task per node: srun starts launch_node<SLURM_NODEID>.sh on each, with the allocation's first node as
-    the master. Values from the config are shell-quoted; the #SBATCH lines hold only checked names and numbers."""
-    s, q = exp.launch.slurm, shlex.quote
-    lines = ["#!/usr/bin/env bash",
-             f"#SBATCH --job-name={_safe(exp.experiment_name)}",
-             f"#SBATCH --nodes={int(plan.layout.nodes)}",
-             "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --time={int(s.time_min)}",
-             "#SBATCH --output=slurm-%j.out"]
-    if s.partition:
-        lines.append(f"#SBATCH --partition={_safe(s.partition)}")
-    if s.cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={int(s.cpus_per_task)}")
-    if s.exclusive:
-        lines.append("#SBATCH --exclusive")
-    lines += ["# Submit from this folder (shared by every node): sbatch slurm.sbatch",
-              "# TRAIN_DATA, LOAD_CHECKPOINT, RESUME and SRC_STRATEGY pass through to every node's script.",
-              "set -euo pipefail",
-              'cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")}"',
-              'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-              f"MASTER_PORT={q(str(exp.launch.master_port))}",
-              "export MASTER_ADDR MASTER_PORT",
-              # every node's msrun waits for its workers (--join), so srun's exit status is the job's
-              "exec srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec bash \"launch_node${SLURM_NODEID}.sh\"'"]
-    return "\n".join(lines) + "\n"
-
-
-def _safe(value: str) -> str:
-    """A value for an #SBATCH line, which no shell reads but sbatch splits at whitespace: keep it one word."""
-    word = "".join(c if c.isalnum() or c in "-_.," else "_" for c in str(value))
-    return word or "qwen15_exp"
-
-
-def write_sbatch(plan, exp) -> Path:
-    return write_text(Path(plan.run_dir) / "slurm.sbatch", sbatch_script(plan, exp), mode=0o755)
