@@ -130,3 +130,18 @@ def test_plan_scripts_take_a_resume_point(tmp_path, fake_msrun):
     from qwen15_exp.launch.worker import parse_args
     args = parse_args([a.decode() for a in argv[argv.index(b"worker.py") + 1:]])
     assert args.resume == "/ckpt dir/x" and args.src_strategy == "/strategy"
+
+
+def test_the_sbatch_script_keeps_hostile_names_inert(tmp_path):
+    from qwen15_exp.launch.sbatch import sbatch_script
+    exp = make_experiment(["model=72b", "phase=finetune", "parallel=mp8pp4", "experiment_name='x\ntouch PWNED #'",
+                           "launch.slurm.partition='gpu; rm -rf /'", "launch.master_port=9000"])
+    text = sbatch_script(make_plan(exp, tmp_path / "run"), exp)
+    directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert directives == ["#SBATCH --job-name=x_touch_PWNED__", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1",
+                          "#SBATCH --time=1440", "#SBATCH --output=slurm-%j.out", "#SBATCH --partition=gpu__rm_-rf__",
+                          "#SBATCH --exclusive"]
+    script = tmp_path / "slurm.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "PWNED" not in text.split("set -euo pipefail")[1]
