@@ -234,6 +234,9 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
                 "recompute_slice_activation")},
             "callbacks": callbacks(exp, stop_step - resume.step if (stop_step and resume) else stop_step,
                                    save_steps or 1000),
+            # MindFormers' own TensorBoard writer (loss, learning rate, throughput, grad norm, eval loss) into
+            # <run dir>/tensorboard/rank_<r>: `tensorboard --logdir <outputs>` shows runs and sweeps side by side
+            "tensorboard": {"tensorboard_dir": f"{run_dir}/tensorboard", "tensorboard_queue_size": 10},
         })
         section = dataset_section(exp, dataset_dir, columns or default_columns, adapted)
         cfg["train_dataset"] = section

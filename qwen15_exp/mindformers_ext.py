@@ -105,8 +105,9 @@ class TokenPerplexity(PerplexityMetric):
 class StepRecorder(Callback):
     """Loss and end time of every training step; each step also appended to `log_path` (JSON lines)."""
 
-    def __init__(self, log_path: str | Path | None = None):
+    def __init__(self, log_path: str | Path | None = None, progress=None):
         super().__init__()
+        self.progress = progress                 # a console.Progress, shown on the terminal
         self.t_begin = None
         self.step_end_times: list[float] = []
         self.step_end_unix: list[float] = []
@@ -130,6 +131,8 @@ class StepRecorder(Callback):
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.steps[-1], "loss": self.losses[-1], "step_s": round(step_s, 6),
                                     "unix": round(self.step_end_unix[-1], 3)}) + "\n")
+        if self.progress is not None:
+            self.progress.step(self.losses[-1], step_s)
 
     def step_times(self) -> list[float]:
         if not self.step_end_times:

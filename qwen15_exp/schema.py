@@ -332,6 +332,7 @@ class Experiment:
     chat: ChatOptions = field(default_factory=ChatOptions)
     tune: TuneOptions = field(default_factory=TuneOptions)
     experiment_name: str = "default"
+    verbose: bool = False                 # MindFormers' and MindSpore's own console output (qwen15_exp/console.py)
     resume: str = ""                      # a run dir to continue from its last complete checkpoint
     reference: Dict[str, Any] = field(default_factory=dict)   # published figure for this run, if any
     mindformers: Dict[str, Any] = field(default_factory=dict)  # raw MindFormers keys, merged last

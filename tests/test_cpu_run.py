@@ -38,6 +38,26 @@ def test_default_run_writes_its_files_and_learns(default_run):
     assert sorted(p.name for p in tmp.iterdir()) == ["cache", "outputs"]   # nothing in the cwd
 
 
+def test_the_terminal_shows_a_progress_line_and_the_summary_not_mindformers_log(default_run):
+    _, run_dir, r = default_run
+    assert "print_output_info" not in r.stdout and " - mindformers" not in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("  files: ")               # ends with the summary
+    assert f"{STEPS}/{STEPS}" in r.stderr and "tokens/s" in r.stderr                 # the progress line, at the end
+    assert "print_output_info" in next((run_dir / "output" / "log").rglob("info.log")).read_text()   # kept in files
+
+
+def test_tensorboard_events_hold_the_losses_of_result_json(default_run):
+    """MindFormers' own tensorboard block writes the run's events; tensorboard's reader finds result.json's losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, run_dir, _ = default_run
+    events = EventAccumulator(str(run_dir / "tensorboard" / "rank_0"))
+    events.Reload()
+    assert {"loss", "learning-rate"} <= set(events.Tags()["scalars"])
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, STEPS + 1))
+    assert [e.value for e in loss] == pytest.approx(read_json(run_dir / "result.json")["measured"]["loss"], abs=1e-5)
+
+
 def test_written_yaml_trains_with_mindformers_alone(default_run, tmp_path):
     _, run_dir, _ = default_run
     cfg = yaml.safe_load((run_dir / "mindformers.yaml").read_text())

@@ -73,10 +73,16 @@ def steps_log(run_dir: Path, rank: int = 0) -> Path:
 def run_local(plan, yaml_path: Path, request) -> dict:
     """Train in this process (a graceful stop on `request`); return what only this process knows."""
     with inside(plan.run_dir, {**mindformers_env(plan.run_dir), **plan.env}):
+        from qwen15_exp.console import Progress, mindformers_output
         from qwen15_exp.mindformers_ext import StepRecorder, StopControl
-        recorder = StepRecorder(steps_log(plan.run_dir))
+        progress = Progress(plan.steps, plan.layout.tokens_per_step)
+        recorder = StepRecorder(steps_log(plan.run_dir), progress)
         t_call = time.perf_counter()
-        run_mindformers(yaml_path, callbacks=[recorder, StopControl(plan.run_dir, request)])
+        try:
+            with mindformers_output(plan.run_dir):
+                run_mindformers(yaml_path, callbacks=[recorder, StopControl(plan.run_dir, request)])
+        finally:
+            progress.close()
         t_end = time.perf_counter()
     return {"first_step_unix": recorder.step_end_unix[0] if recorder.step_end_unix else None,
             "train_call_s": t_end - t_call, "peak_rss_mb": peak_rss_mb()}
