@@ -110,7 +110,7 @@ def markdown(rows: list[dict], title: str) -> str:
     for r in rows:
         out.append("| " + " | ".join("" if r[c] is None else str(r[c]).replace("|", "/") for c in COLUMNS) + " |")
     out.append("")
-    bad = [r for r in rows if r["status"] not in ("ok", "planned")]
+    bad = not_ok(rows)
     if bad:
         out.append(f"- {len(bad)} of {len(rows)} jobs did not end ok: " + "; ".join(
             f"job {r['job']} {r['status']}" + (f" ({r['failure_class']})" if r["failure_class"] else "") for r in bad)
@@ -172,9 +172,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path, title: str | None = None) -> list[Path]:
+def write_report(sweep_dir: Path, title: str | None = None, rows: list[dict] | None = None) -> list[Path]:
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
     if not rows:
         return []
     title = title or f"qwen15_exp sweep {sweep_dir}"
@@ -198,13 +198,13 @@ def sweep_title(config) -> str:
     return " ".join(overrides) or str(config.get("experiment_name", ""))
 
 
-FAILED_JOBS: list[str] = []       # the run dirs of the last sweep's jobs that did not end ok (read by __main__)
+# The run dirs of the last sweep's jobs that did not end ok, from their result.json (read by __main__): the
+# truth whatever ran them (this process, submitit's local processes or Slurm jobs on other nodes).
+FAILED_JOBS: list[str] = []
 
 
-def failed_jobs(sweep_dir: Path) -> list[str]:
-    """Jobs of a sweep that did not end ok, from their result.json: the truth whatever ran them (this process,
-    submitit's local processes or Slurm jobs on other nodes)."""
-    return [str(Path(sweep_dir) / r["job"]) for r in collect(Path(sweep_dir)) if r["status"] not in ("ok", "planned")]
+def not_ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] not in ("ok", "planned")]
 
 
 class SweepReport(Callback):
@@ -212,8 +212,9 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        FAILED_JOBS[:] = failed_jobs(sweep_dir)
-        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {sweep_title(config)}")
+        rows = collect(sweep_dir)
+        FAILED_JOBS[:] = [str(sweep_dir / r["job"]) for r in not_ok(rows)]
+        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {sweep_title(config)}", rows=rows)
         if paths:
             print(f"sweep report: {paths[0]}")
             print(paths[0].read_text())

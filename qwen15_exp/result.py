@@ -72,6 +72,12 @@ def eval_log(run_dir, rank: int = 0) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
+def fit_word(mem: dict) -> str:
+    if not mem["fits"]:
+        return "OVER"
+    return "tight: over budget, within the estimate uncertainty" if mem.get("tight") else "fits"
+
+
 def summary_text(result: dict) -> str:
     """One screen: what ran, on what, and what came out."""
     p, m = result["plan"], result.get("measured") or {}
@@ -85,7 +91,7 @@ def summary_text(result: dict) -> str:
         f"  parameters {p['params_total']:,}  ({mem['params_per_device']:,} per device"
         + (f"; {p['params_trainable']:,} trainable" if p.get("params_trainable") and
            p["params_trainable"] != p["params_total"] else "") + ")   memory/device "
-        f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({'OVER' if not mem['fits'] else 'tight: over budget, within the estimate uncertainty' if mem.get('tight') else 'fits'})",
+        f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({fit_word(mem)})",
         f"  launcher {p['launcher']}: {p['why']}",
     ]
     est = p.get("throughput")

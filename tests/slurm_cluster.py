@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from qwen15_exp.launch.msrun import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 PACKAGES = ("slurm-wlm", "munge")
 
@@ -37,12 +39,6 @@ def install() -> str | None:
         if r.returncode != 0:
             return f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}"
     return None if not missing_tools() else f"still missing after install: {', '.join(missing_tools())}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_conf(folder: Path, host: str, cpus: int) -> str:

@@ -119,11 +119,10 @@ def test_predict_plan_runs_through_msrun_and_trainer_predict(tmp_path):
 def test_a_plan_keeps_max_steps_and_splits_workers_over_nodes(tmp_path, overrides, per_node):
     """Plans stop where the user asked (the report: a 100-step Ascend plan trained a whole epoch), and each
     node's script starts its own share of the workers (the report: 2 x 2 workers for a world of 2)."""
-    import yaml
     r = run_cli(overrides, tmp_path)
     assert r.returncode == 0, r.stderr
     run_dir = only_run_dir(tmp_path)
-    cfg = yaml.safe_load((run_dir / "mindformers.yaml").read_text())
+    cfg = yaml_of(run_dir)
     assert {"type": "TrainCallBack", "stop_step": 100} in cfg["callbacks"]
     assert cfg["lr_schedule"]["total_steps"] == 100
     for script in run_dir.glob("launch_node*.sh"):
@@ -141,7 +140,8 @@ def test_two_node_scripts_rendezvous_on_this_machine_and_train_as_dp2(tmp_path):
     """The plan's launch_node0.sh and launch_node1.sh, started as two processes as the plan says (master address
     127.0.0.1), find each other through msrun's multi-node options and train exactly as dp2 on one node."""
     import signal
-    import socket
+
+    from qwen15_exp.launch.msrun import free_port
     one = run_cli(["parallel=dp2", "hardware=cpu", "phase.max_steps=6"], tmp_path / "one")
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     one_dir = only_run_dir(tmp_path / "one")
@@ -153,11 +153,8 @@ def test_two_node_scripts_rendezvous_on_this_machine_and_train_as_dp2(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "MASTER_ADDR=<node 0 address> TRAIN_DATA=<dataset dir> bash" in r.stdout
     run_dir = only_run_dir(tmp_path / "two")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TRAIN_DATA": dataset}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TRAIN_DATA": dataset}
     nodes = [subprocess.Popen(["bash", str(run_dir / f"launch_node{r}.sh")], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
              for r in (1, 0)]                              # node 1 first: it waits for node 0's scheduler

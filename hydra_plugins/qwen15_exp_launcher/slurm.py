@@ -10,6 +10,8 @@ from pathlib import Path
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 
+from qwen15_exp.lifecycle import first_line, run_status
+
 
 class _RecordedFailure:
     """Stands in for a submitit job whose results() raised: the job's result is None, its run dir says why."""
@@ -21,19 +23,15 @@ class _RecordedFailure:
         try:
             return self.job.results()
         except Exception as e:                       # submitit's UncompletedJobError / FailedJobError
-            record_failure(self.job_dir, f"Slurm job {self.job.job_id} ended without a result: {first_line(e)}")
+            record_failure(self.job_dir, f"Slurm job {self.job.job_id} ended without a result: "
+                                         f"{first_line(str(e)) or type(e).__name__}")
             return [None]
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def record_failure(job_dir: Path, error: str) -> None:
     from qwen15_exp.atomic import write_json
-    from qwen15_exp.lifecycle import run_status
     previous = run_status(job_dir)
-    if previous.get("status") in ("ok", "failed", "invalid", "interrupted"):
+    if previous.get("status") not in ("running", "killed", "missing"):
         return                                        # the job said how it ended; keep its own words
     write_json(job_dir / "result.json", {**previous, "status": "failed", "run_dir": str(job_dir),
                                          "error": error, "failure_class": "slurm"})

@@ -34,9 +34,10 @@ def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) ->
     """With --join=True (launch.join, the default) msrun waits for this node's workers and exits non-zero when
     one fails, so a wrapper (Slurm, a shell) sees the outcome; the console follows the node's first worker."""
     per_node = plan.layout.devices_here
+    join = exp.launch.join or (plan.layout.executes and plan.layout.nodes == 1)   # we supervise what we run here
     return ["msrun", f"--worker_num={plan.layout.devices}", f"--local_worker_num={per_node}",
             f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
-            f"--log_dir={node_log_dir(node_rank)}", f"--join={exp.launch.join or (plan.layout.executes and plan.layout.nodes == 1)}",
+            f"--log_dir={node_log_dir(node_rank)}", f"--join={join}",
             f"--tail_worker_log={node_rank * per_node}", f"--cluster_time_out={exp.launch.cluster_time_out}",
             "worker.py", "--config", "mindformers.yaml"]
 
