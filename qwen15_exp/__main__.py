@@ -75,6 +75,11 @@ def main() -> None:
     if failed:
         report_user_error(f"{len(failed)} job(s) did not end ok (see sweep_report.md): {', '.join(failed)}")
         sys.exit(1)
+    from qwen15_exp.tracking import TRACKING_FAILED
+    if TRACKING_FAILED:
+        report_user_error(f"the run ended ok but MLflow could not log {len(TRACKING_FAILED)} of its parts "
+                          "(see above): check tracking.uri / MLFLOW_TRACKING_URI")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

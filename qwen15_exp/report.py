@@ -218,6 +218,8 @@ class SweepReport(Callback):
         if paths:
             print(f"sweep report: {paths[0]}")
             print(paths[0].read_text())
+        from qwen15_exp.tracking import sweep_ended
+        sweep_ended(config, sweep_dir)
 
 
 if __name__ == "__main__":

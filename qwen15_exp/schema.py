@@ -321,6 +321,13 @@ class TuneOptions:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (conf/tracking/, `+tracking=mlflow`; qwen15_exp/tracking.py)."""
+    backend: str = "none"                 # none | mlflow (set by the tracking group)
+    uri: str = ""                         # "" = MLFLOW_TRACKING_URI, else <output root>/mlruns (SQLite)
+
+
+@dataclass
 class Experiment:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = MISSING
@@ -331,6 +338,7 @@ class Experiment:
     paths: Paths = field(default_factory=Paths)
     chat: ChatOptions = field(default_factory=ChatOptions)
     tune: TuneOptions = field(default_factory=TuneOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment_name: str = "default"
     verbose: bool = False                 # MindFormers' and MindSpore's own console output (qwen15_exp/console.py)
     resume: str = ""                      # a run dir to continue from its last complete checkpoint
