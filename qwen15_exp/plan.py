@@ -115,7 +115,11 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout
         adapted=adapted, save_steps=save_steps, resume=resume,
         eval_dataset_dir=eval_dataset.folder if eval_dataset else "",
         eval_columns=list(eval_dataset.columns) if eval_dataset else None)
+    env = run_env(exp, resume)
+    if exp.launch.compile_cache:
+        from qwen15_exp.compile_cache import cache_env
+        env.update(cache_env(cfg, run_dir if L.executes else Path("."), env, L.executes))
     return Plan(run_dir=run_dir, layout=L, steps=steps, params_total=total_params(exp.model),
                 params_trainable=trainable_params(exp.model, exp.phase.lora) if exp.phase.trains else 0,
                 memory=memory or estimate_memory(exp, L), throughput=throughput, mindformers=cfg,
-                adaptations=list(adapted.notes), env=run_env(exp, resume), save_steps=save_steps)
+                adaptations=list(adapted.notes), env=env, save_steps=save_steps)

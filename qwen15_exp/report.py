@@ -214,12 +214,13 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect(sweep_dir)
         FAILED_JOBS[:] = [str(sweep_dir / r["job"]) for r in not_ok(rows)]
-        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {sweep_title(config)}", rows=rows)
+        title = sweep_title(config)
+        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {title}", rows=rows)
         if paths:
             print(f"sweep report: {paths[0]}")
             print(paths[0].read_text())
         from qwen15_exp.tracking import sweep_ended
-        sweep_ended(config, sweep_dir)
+        sweep_ended(config, sweep_dir, title)
 
 
 if __name__ == "__main__":

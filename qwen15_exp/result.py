@@ -111,6 +111,8 @@ def summary_text(result: dict) -> str:
         if m.get("tokens_per_s"):
             lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s   "
                          f"first step at {m['time_to_first_step_s']:.1f} s   wall {result['wall_time_s']:.1f} s")
+    if result.get("compile_cache"):
+        lines.append(f"  compile cache: {result['compile_cache']['use']} ({result['compile_cache']['dir']})")
     for e in m.get("eval") or []:
         lines.append(f"  eval after step {e['step']}: loss {e['loss']:.4f}   perplexity {e['PPL']:,.2f}   "
                      f"({e['tokens']:,} tokens)")

@@ -193,9 +193,14 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> 
     run_dir, train = Path(plan.run_dir), exp.phase.trains
     write_json(run_dir / "result.json", {**result, "status": "running", "pid": os.getpid()})
     launched = {}
+    from qwen15_exp.compile_cache import PATH, cached_graphs, reuse_word
+    cache = plan.env.get(PATH)
+    graphs_before = cached_graphs(cache) if cache else {}
     try:
         launched = launch(plan, exp, yaml_path, request)
     finally:                                # whatever happened, keep the curve and name the checkpoint
+        if cache:
+            result["compile_cache"] = {"dir": cache, "use": reuse_word(graphs_before, cached_graphs(cache))}
         if train:
             result["measured"] = training_figures(plan, launched, t_ref)
             result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)

@@ -295,6 +295,7 @@ class LaunchConfig:
     join: bool = True                     # node scripts wait for their workers and exit with their status
     node_rank: Optional[int] = None       # set on a cluster node to run that node's share
     rank_table: str = ""                  # an HCCL rank table (hccl.json): per-device processes instead of msrun
+    compile_cache: bool = True            # MindSpore's graph compile cache, keyed by the graph (compile_cache.py)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
 

@@ -172,15 +172,13 @@ def _say_failure(what: str, e: Exception) -> None:
     print(f"mlflow: could not log {what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
 
 
-def sweep_ended(config, sweep_dir: Path) -> None:
+def sweep_ended(config, sweep_dir: Path, title: str) -> None:
     """Called by the sweep report once it is written (Hydra ends callbacks in reverse order, so a callback
     of our own would run before the report exists)."""
-    from qwen15_exp.report import sweep_title
     if _tracking(config).get("backend") != "mlflow":
         return
     try:
-        run_id = log_sweep(_tracking(config), config.paths.output_root, config.experiment_name, sweep_dir,
-                           sweep_title(config))
+        run_id = log_sweep(_tracking(config), config.paths.output_root, config.experiment_name, sweep_dir, title)
         print(f"mlflow: sweep run {run_id}")
     except Exception as e:             # noqa: BLE001 - said, and the exit status says so
         _say_failure(f"the sweep {sweep_dir}", e)

@@ -67,3 +67,23 @@ def test_tensorboard_events_hold_the_losses_of_result_json(default_run):
     assert [step for step, _ in events["loss"]] == list(range(1, STEPS + 1))
     assert [v for _, v in events["loss"]] == pytest.approx(read_json(run_dir / "result.json")["measured"]["loss"],
                                                            abs=1e-5)
+
+
+def test_a_second_identical_run_reuses_the_compile_cache_and_a_changed_one_compiles(tmp_path):
+    """MindSpore says it used the cache (its own warning, shown with verbose=true); a changed learning rate,
+    a graph constant, gets a cache of its own. A seed of this test's own keeps other tests' caches out."""
+    import os
+    args = ["phase.max_steps=2", "phase.seed=4242"]
+    cache = {"XDG_CACHE_HOME": os.environ.get("QWEN15_TEST_CACHE", str(tmp_path / "cache"))}   # one for all three
+    runs = [run_cli(args, tmp_path / "cold", env=cache), run_cli([*args, "verbose=true"], tmp_path / "warm", env=cache),
+            run_cli([*args, "phase.lr_schedule.learning_rate=3e-4"], tmp_path / "changed", env=cache)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    cold, warm, changed = (read_json(only_run_dir(tmp_path / n) / "result.json") for n in ("cold", "warm", "changed"))
+    assert cold["compile_cache"]["use"] == "compiled and cached"
+    assert warm["compile_cache"] == {**cold["compile_cache"], "use": "reused"}
+    assert "Use the compilation cache" in runs[1].stderr
+    assert "compile cache: reused" in runs[1].stdout
+    assert changed["compile_cache"]["use"] == "compiled and cached"
+    assert changed["compile_cache"]["dir"] != cold["compile_cache"]["dir"]
+    assert "Use the compilation cache" not in runs[0].stderr + runs[2].stderr

@@ -176,3 +176,24 @@ def test_two_node_scripts_rendezvous_on_this_machine_and_train_as_dp2(tmp_path):
 def yaml_of(run_dir):
     import yaml
     return yaml.safe_load((run_dir / "mindformers.yaml").read_text())
+
+
+def test_the_compile_cache_key_follows_the_graph_not_the_paths(experiment, tmp_path):
+    from qwen15_exp.compile_cache import ENABLE, PATH, cache_key
+    from qwen15_exp.plan import make_plan
+    from qwen15_exp.plan import Dataset
+
+    def key(overrides, run_dir):
+        plan = make_plan(experiment(["hardware=cpu", *overrides]), run_dir, Dataset("/data/x", rows=64))
+        assert plan.env[ENABLE] == "1"
+        return plan.env[PATH]
+    base = key([], tmp_path / "a")
+    assert key([], tmp_path / "b") == base                                  # another run dir, same graph
+    assert key(["phase.checkpoint.save_steps=7"], tmp_path / "a") == base   # callbacks are not in the graph
+    for changed in (["phase.lr_schedule.learning_rate=3e-4"], ["model.num_layers=3"], ["phase.seed=7"],
+                    ["phase.max_steps=9"], ["hardware.jit_level=O1"]):
+        assert key(changed, tmp_path / "a") != base, changed
+    assert cache_key({"x": 1}, ".", {}, {"mindspore": "2.9.0"}) != cache_key({"x": 1}, ".", {}, {"mindspore": "2.8.0"})
+    plan = make_plan(experiment(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2"]), tmp_path / "p")
+    assert plan.env[PATH] == "compile_cache"                                # beside the run on the cluster
+    assert make_plan(experiment(["hardware=cpu", "launch.compile_cache=false"]), tmp_path / "a").env.get(ENABLE) is None

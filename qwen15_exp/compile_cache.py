@@ -1,0 +1,73 @@
+"""MindSpore's graph compile cache, on for every run, in a folder keyed by what the graph is made of.
+
+MindSpore checks only that the Python files of the entry script have not changed before it reuses a cached
+graph (MS_COMPILER_CACHE_*: "be aware of correctness risks"): a changed layer count, sequence length or
+learning-rate schedule (its constants live in the graph) would silently reuse a wrong graph. So the folder
+is keyed here by the whole MindFormers config, less what cannot reach the graph (paths, the callbacks, the
+epoch count), and by the versions and environment that compile it. On this CPU the folders live under the
+cache root and are shared by every run with the same key; a plan for a cluster keeps its cache beside the
+run (`compile_cache/` in the run dir, relative as every path of a plan), so a resumed run reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from qwen15_exp.paths import cache_root
+
+ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
+# keys that never reach the graph: where things are read or written, what Python does around the steps
+NOT_IN_GRAPH = frozenset({"output_dir", "load_checkpoint", "resume_training", "auto_trans_ckpt", "load_ckpt_format",
+                          "only_save_strategy", "callbacks", "tensorboard", "dataset_dir", "data_dir", "epochs",
+                          "eval_step_interval", "eval_epoch_interval"})
+RUN_DIR = "<run>"
+
+
+def graph_identity(mindformers_cfg: dict, run_dir: Path | str) -> object:
+    """The config as far as it can shape the graph: NOT_IN_GRAPH keys dropped, the run dir made a name."""
+    run_dir = str(run_dir)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in NOT_IN_GRAPH}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        if isinstance(node, str) and run_dir not in (".", ""):
+            return node.replace(run_dir, RUN_DIR)
+        return node
+    return strip(mindformers_cfg)
+
+
+def cache_key(mindformers_cfg: dict, run_dir: Path | str, env: dict, versions: dict) -> str:
+    compile_env = {k: v for k, v in env.items() if not k.startswith(("MS_COMPILER_CACHE", "QWEN15_EXP_"))}
+    blob = json.dumps({"config": graph_identity(mindformers_cfg, run_dir), "env": compile_env,
+                       "versions": versions}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_dir(key: str) -> Path:
+    return cache_root() / "compile" / key
+
+
+def cache_env(mindformers_cfg: dict, run_dir: Path | str, env: dict, executes_here: bool) -> dict:
+    """The environment that turns the cache on for this run."""
+    if not executes_here:
+        return {ENABLE: "1", PATH: "compile_cache"}       # beside the run, on the cluster
+    from qwen15_exp.result import versions
+    pins = {k: versions().get(k) for k in ("mindspore", "mindformers", "python")}
+    return {ENABLE: "1", PATH: str(cache_dir(cache_key(mindformers_cfg, run_dir, env, pins)))}
+
+
+def cached_graphs(path: Path | str) -> dict[str, float]:
+    """The compiled graphs in a cache folder (every rank's), with their modification times."""
+    return {str(p): p.stat().st_mtime for p in Path(path).glob("rank_*/graph_cache/*.mindir")}
+
+
+def reuse_word(before: dict[str, float], after: dict[str, float]) -> str:
+    """What a run did with the cache: MindSpore rewrites a graph it compiled, and leaves one it reused alone."""
+    if not after:
+        return "not written"
+    if before and all(after.get(p) == t for p, t in before.items()):
+        return "reused"
+    return "compiled and cached"
