@@ -50,17 +50,21 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="q15_overhead_"))
     env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+    # verbose=true: MindFormers' per-step lines on stdout, as MindFormers alone prints them (the figures read)
     ours_cmd = lambda d: [sys.executable, "-m", "qwen15_exp", f"phase.max_steps={args.steps}",  # noqa: E731
-                          f"hydra.run.dir={d}"]
+                          f"hydra.run.dir={d}", "verbose=true"]
     print(f"warm-up run (prepares and caches the data, writes the YAML) in {work}", flush=True)
     timed(ours_cmd(work / "warm"), work, env)
     yaml_path = work / "warm" / "mindformers.yaml"
+    # MindFormers alone gets the run's environment too (the compile cache among it): overhead, not features
+    import json
+    alone_env = {**env, **json.loads((work / "warm" / "plan.json").read_text())["env"]}
     tokens_per_step = 128 * 1                       # tiny default: seq_length 128, batch 1
     ours, alone = [], []
     for i in range(args.reps):
         ours.append(timed(ours_cmd(work / f"ours{i}"), work, env))
         alone.append(timed([sys.executable, str(HERE / "mindformers_alone.py"), str(yaml_path),
-                            str(work / f"alone{i}")], work, env))
+                            str(work / f"alone{i}")], work, alone_env))
         print(f"rep {i}: qwen15_exp {ours[-1]}  mindformers {alone[-1]}", flush=True)
 
     def med(runs, key):

@@ -35,9 +35,11 @@ def task(cfg) -> dict | None:
     if done is not None:                      # a sweep run again into its own dir: keep what ended ok
         print(f"job {HydraConfig.get().job.num}: already {done['status']} in {run_dir}; kept")
         return done
+    from qwen15_exp.console import PROGRESS
+    PROGRESS.update(label=f"job {HydraConfig.get().job.num}", leave=False)    # then its one summary line
     # in a sweep one bad or failed job must not hide the others: run() recorded it, finish, exit non-zero
     try:
-        return run(cfg, run_dir, t_ref)
+        return run(cfg, run_dir, t_ref, show_progress=False, brief=True)
     except RunInterrupted:
         raise                                 # a signal to the sweep stops the sweep (cli.py exits)
     except Exception as e:

@@ -69,12 +69,18 @@ def mindformers_output(run_dir: Path):
             stdout.target = stdout.terminal
 
 
+# What the progress line is called and whether it stays: a sweep's job says which job it is and leaves
+# its one summary line instead (set by the entrypoint per job).
+PROGRESS = {"label": "train", "leave": True}
+
+
 class Progress:
     """One live line per run: step / total, loss, tokens/s and ETA (tqdm on stderr)."""
 
-    def __init__(self, total_steps: int | None, tokens_per_step: int, label: str = "train"):
+    def __init__(self, total_steps: int | None, tokens_per_step: int):
         from tqdm import tqdm
-        self.bar = tqdm(total=total_steps, desc=label, unit="step", dynamic_ncols=True, file=sys.stderr,
+        self.bar = tqdm(total=total_steps, desc=PROGRESS["label"], unit="step", dynamic_ncols=True,
+                        file=sys.stderr, leave=PROGRESS["leave"],
                         bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
         self.tokens_per_step = tokens_per_step
 
@@ -85,3 +91,24 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class StepsFollower:
+    """The progress line of steps another process logs (rank 0 under msrun appends steps_rank0.jsonl), read
+    where the launcher polls its workers: no log tailing, nothing of MindFormers' output on the terminal."""
+
+    def __init__(self, steps_log: Path, progress: Progress):
+        self.steps_log, self.progress, self.offset = Path(steps_log), progress, 0
+
+    def poll(self) -> None:
+        import json
+        if not self.steps_log.is_file():
+            return
+        with open(self.steps_log, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]           # a line being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.decode("utf-8").splitlines():
+            record = json.loads(line)
+            self.progress.step(record["loss"], record["step_s"])

@@ -143,3 +143,27 @@ def summary_text(result: dict) -> str:
                          "output/strategy> if the layout changed)")
     lines.append(f"  files: {result['run_dir']}")
     return "\n".join(lines)
+
+
+def job_line(result: dict) -> str:
+    """A sweep job in one line: what ran, how it ended, its loss, speed (vs the estimate) and times."""
+    p, m = result.get("plan") or {}, result.get("measured") or {}
+    what = f"{result.get('model')} {result.get('parallel')} {result.get('phase')} {result.get('hardware')}"
+    parts = [f"{Path(result['run_dir']).name:>3}  {result['status']:<8} {what}"]
+    est = (p.get("throughput") or {})
+    if m.get("last_loss") is not None:
+        parts.append(f"loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}")
+    if m.get("tokens_per_s"):
+        parts.append(f"{m['tokens_per_s']:,.0f} tokens/s" + (f" (est {est['tokens_per_s']:,.0f})"
+                                                             if est.get("tokens_per_s") else ""))
+    elif est.get("tokens_per_s"):
+        parts.append(f"est {est['tokens_per_s_per_device']:,.0f} tokens/s/p")
+    if m.get("perplexity") is not None:
+        parts.append(f"perplexity {m['perplexity']:,.3f}")
+    if p.get("memory"):
+        parts.append(f"{p['memory']['total_gb']:.2f}/{p['memory']['budget_gb']:.0f} GB")
+    if m.get("time_to_first_step_s") is not None:
+        parts.append(f"first step {m['time_to_first_step_s']:.1f} s")
+    if result.get("wall_time_s") is not None:
+        parts.append(f"wall {result['wall_time_s']:.1f} s")
+    return "job " + "   ".join(parts)

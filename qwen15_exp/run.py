@@ -19,7 +19,7 @@ from qwen15_exp.estimate.memory import estimate_memory
 from qwen15_exp.layout import layout_of
 from qwen15_exp.lifecycle import RunInterrupted, StopRequest, classify_failure, first_line, stop_on_signals
 from qwen15_exp.plan import Dataset, make_plan
-from qwen15_exp.result import summary_text, versions
+from qwen15_exp.result import job_line, summary_text, versions
 from qwen15_exp.sweep import config_sha
 from qwen15_exp.validate import InvalidExperiment, validate
 from qwen15_exp.weights.checkpoint import resolve_checkpoint
@@ -54,9 +54,10 @@ def dataset_of(data, width: int, what: str, show_progress: bool) -> Dataset:
         return Dataset(str(folder), tuple(columns), rows)
     from qwen15_exp.data.prepare import prepare, summary_lines
     prepared = prepare(data, width - 1, show_progress=show_progress)
-    print(f"{what}: {'reused the cached' if prepared.reused else 'prepared'} MindRecord {prepared.folder}")
-    for line in summary_lines(prepared.summary):
-        print(f"  {line}")
+    if show_progress or not prepared.reused:
+        print(f"{what}: {'reused the cached' if prepared.reused else 'prepared'} MindRecord {prepared.folder}")
+        for line in summary_lines(prepared.summary):
+            print(f"  {line}")
     return Dataset(str(prepared.folder), tuple(prepared.summary["columns"]), prepared.rows)
 
 
@@ -123,9 +124,13 @@ def checkpoint_info(run_dir: Path, ranks: int) -> dict | None:
     return {"step": point.step, "file": point.files[0]} if point else None
 
 
-def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool = True) -> dict:
+def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool = True,
+        brief: bool = False) -> dict:
     """One run, start to end. Whatever stops it, result.json says how it ended (ok, planned, interrupted,
-    failed, invalid); the exception, if any, goes on to the caller after that."""
+    failed, invalid); the exception, if any, goes on to the caller after that. The summary goes to
+    <run_dir>/summary.txt and the terminal; `brief` (a sweep's job) shows one line instead."""
+    from qwen15_exp.launch.local import reset_peak_rss
+    reset_peak_rss()                      # each job of a sweep its own peak
     t0 = time.time()
     t_ref = process_t0 or t0              # "first step at" counts from the process start for its first job
     run_dir = Path(run_dir)
@@ -145,7 +150,9 @@ def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool
         raise
     result["wall_time_s"] = round(time.time() - t0, 3)
     write_json(run_dir / "result.json", result)
-    print(summary_text(result), flush=True)
+    summary = summary_text(result)
+    write_text(run_dir / "summary.txt", summary + "\n")
+    print(job_line(result) if brief else summary, flush=True)
     return result
 
 
@@ -220,10 +227,15 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> 
             result["checkpoint"] = None
 
 
+MIN_STEPS_TO_RECALIBRATE = 12
+
+
 def recalibrate(result: dict) -> None:
     from qwen15_exp.estimate.cpu_calibration import check_against_run
     est = (result.get("plan") or {}).get("throughput") or {}
     measured = result.get("measured") if isinstance(result.get("measured"), dict) else {}
+    if (measured.get("steps") or 0) < MIN_STEPS_TO_RECALIBRATE:
+        return                            # the first steps run slow while caches warm: too few to judge by
     note = check_against_run(est.get("tokens_per_s"), measured.get("tokens_per_s"))
     if note:
         result["calibration"] = note

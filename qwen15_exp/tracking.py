@@ -200,6 +200,7 @@ class MlflowTracking(Callback):
             run_id = log_job(_tracking(config), config.paths.output_root, config.experiment_name, run_dir,
                              task_config, str(Path(hydra_cfg.sweep.dir)) if multirun else None,
                              str(hydra_cfg.job.num) if multirun else None)
-            print(f"mlflow: run {run_id}")
+            if not multirun:               # a sweep's job keeps to its one line; the sweep run is printed
+                print(f"mlflow: run {run_id}")
         except Exception as e:         # noqa: BLE001
             _say_failure(str(run_dir), e)

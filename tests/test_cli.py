@@ -53,7 +53,12 @@ def test_multirun_of_plans_gives_one_result_per_job(tmp_path):
     assert [read_json(p)["model"] for p in results] == ["0_5b", "1_8b", "4b"]
     assert all(read_json(p)["status"] == "planned" for p in results)
     assert all(read_json(p)["parallel"] == "dp4mp2" for p in results)      # named by its degrees, not the preset
-    assert "parallel dp4mp2" in r.stdout
+    job_lines = [line for line in r.stdout.splitlines() if line.startswith("job ")]     # one line per job
+    assert [line.split()[1:4] for line in job_lines] == [["0", "planned", "0_5b"], ["1", "planned", "1_8b"],
+                                                         ["2", "planned", "4b"]]
+    assert all(" dp4mp2 finetune atlas_800t_a2 " in line for line in job_lines)
+    assert "qwen15_exp  default  [planned]" not in r.stdout           # the full summary went to each run dir
+    assert all("parallel dp4mp2" in (p.parent / "summary.txt").read_text() for p in results)
     sweep = results[0].parent.parent
     report = (sweep / "sweep_report.md").read_text()
     assert report.count("| planned |") == 3 and report.count("| dp4mp2 |") == 3

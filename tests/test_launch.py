@@ -98,6 +98,16 @@ def test_cpu_sweep_measures_and_estimates(tmp_path):
     rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
     assert [row["parallel"] for row in rows] == ["single", "dp2"]
     assert all(float(row["measured"]) > 0 and float(row["estimated"]) > 0 and row["est/meas"] for row in rows)
+    # the terminal: one line per job, and a progress line for each, msrun's (dp2) read from rank 0's steps log
+    assert [line.split()[1:3] for line in r.stdout.splitlines() if line.startswith("job ")] == \
+        [["0", "ok"], ["1", "ok"]]
+    assert " - mindformers" not in r.stdout + r.stderr and "per_step_time" not in r.stdout + r.stderr
+    assert "job 0 6/6" in r.stderr and "job 1 6/6" in r.stderr
+    assert "per_step_time" in (sweep / "1" / "output" / "log" / "console.log").read_text()    # msrun's tail, kept
+    for job in ("0", "1"):              # each job's own figures, counted from its own start
+        result = read_json(sweep / job / "result.json")
+        assert 0 < result["measured"]["time_to_first_step_s"] < result["wall_time_s"]
+        assert result["measured"]["peak_rss_mb"] > 100
 
 
 @pytest.mark.slow

@@ -62,8 +62,23 @@ def evaluate(trainer, config):
     return trainer.evaluate(eval_checkpoint=str(config.load_checkpoint))
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS afresh (Linux: VmHWM), so that each job of a sweep run in one process
+    reports its own peak rather than the largest of the jobs before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS since reset_peak_rss (or its start)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def steps_log(run_dir: Path, rank: int = 0) -> Path:

@@ -141,7 +141,7 @@ def worker_log_tail(run_dir: Path, chars: int = 2000) -> str:
     return logs[-1].read_text(errors="replace")[-chars:] if logs else ""
 
 
-def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path) -> int:
+def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path, on_poll=lambda: None) -> int:
     """Wait for msrun. On a stop request, the workers get SIGTERM (they agree on a step, checkpoint and exit);
     after `grace_s`, or on a second request, everything is stopped at once. Returns msrun's exit code."""
     from qwen15_exp.lifecycle import RunInterrupted
@@ -152,6 +152,7 @@ def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path) ->
                 return proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 pass
+            on_poll()
             seen = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
             if request() and forwarded_at is None:
                 forwarded_at = time.monotonic()
@@ -186,12 +187,33 @@ def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
            "MASTER_ADDR": "127.0.0.1" if plan.layout.nodes == 1 else exp.launch.master_addr,
            "QWEN15_EXP_PARENT_DEATH": "1"}       # workers die with msrun (worker.py)
     t_call = time.perf_counter()
+    # msrun's own output (and the worker log it tails) goes to the run's console.log; the terminal shows the
+    # progress of this node's first rank from its steps log (verbose=true: msrun's output as it is)
+    console = None
+    if not exp.verbose:
+        console_log = run_dir / "output" / "log" / "console.log"
+        console_log.parent.mkdir(parents=True, exist_ok=True)
+        console = open(console_log, "a", encoding="utf-8")
+    follower = None
+    if exp.phase.trains and not exp.verbose:
+        from qwen15_exp.console import Progress, StepsFollower
+        follower = StepsFollower(run_dir / f"steps_rank{node * plan.layout.devices_here}.jsonl",
+                                 Progress(plan.steps, plan.layout.tokens_per_step))
     # msrun in a session of its own (a terminal's Ctrl-C reaches only us; we decide), told to stop (SIGINT,
     # which its handler turns into killing every worker) if this process dies, even by SIGKILL
-    proc = subprocess.Popen(["bash", str(run_dir / f"launch_node{node}.sh")], cwd=run_dir, env=env,
-                            start_new_session=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGINT))
-    request.training = True
-    code = supervise(proc, request, exp.launch.stop_grace_s, run_dir)
+    try:
+        proc = subprocess.Popen(["bash", str(run_dir / f"launch_node{node}.sh")], cwd=run_dir, env=env,
+                                stdout=console, stderr=subprocess.STDOUT if console else None,
+                                start_new_session=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGINT))
+        request.training = True
+        code = supervise(proc, request, exp.launch.stop_grace_s, run_dir,
+                         on_poll=follower.poll if follower else lambda: None)
+    finally:
+        if follower:
+            follower.poll()
+            follower.progress.close()
+        if console:
+            console.close()
     if code != 0 and not request():
         raise LaunchFailed(f"msrun exited with {code}; logs in {run_dir / 'msrun_log'}\n{worker_log_tail(run_dir)}")
     train_call_s = time.perf_counter() - t_call

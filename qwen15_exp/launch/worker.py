@@ -126,8 +126,7 @@ def main(argv=None) -> None:
         from qwen15_exp.launch.local import evaluate
         evaluate(Trainer(config), config)
         return
-    import resource
-
+    from qwen15_exp.launch.local import peak_rss_mb
     from qwen15_exp.lifecycle import StopRequest, stop_on_signals
     from qwen15_exp.mindformers_ext import StopControl, skip_checkpoint_preload
     if config.context.device_target == "CPU":
@@ -142,7 +141,7 @@ def main(argv=None) -> None:
         "rank": rank, "steps": recorder.steps, "losses": recorder.losses, "step_times_s": recorder.step_times(),
         "first_step_unix": recorder.step_end_unix[0] if recorder.step_end_unix else None, "start_unix": t0,
         "stopped_by": request.name or None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+        "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
 if __name__ == "__main__":
