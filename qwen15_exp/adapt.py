@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 PRECISIONS = ("compute", "param_init", "softmax", "rotary", "layernorm")
 CPU_TRAIN_STEP_WRAPPER = "CPUTrainOneStepCell"     # registered by qwen15_exp.mindformers_ext
+CPU_MODEL_CLASS = "CPULlamaForCausalLM"            # the same, with a one-kernel loss
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Adapted:
     use_past: bool                  # KV cache (predict only)
     loss_scale: object              # None (no scale_sense key), a float, or a DynamicLossScaleUpdateCell dict
     train_step_wrapper: str
+    model_class: str                # model.arch.type
     dataset_workers: int
     numpy_sampling: bool            # generate's logits processors in numpy (TopK has no CPU kernel)
     notes: tuple                    # one line per adaptation, for the summary and plan.json
@@ -77,7 +79,11 @@ def adapt(exp) -> Adapted:
     if not sup.semi_auto_parallel:
         notes.append(f"parallel.parallel_mode: 1 -> 0 (semi-auto parallel does not run on {name}; data parallel "
                      "only)")
-    loss_scale, wrapper = None, "MFTrainOneStepCell"
+    loss_scale, wrapper, model_class = None, "MFTrainOneStepCell", "LlamaForCausalLM"
+    if ph.trains and not sup.semi_auto_parallel:
+        notes.append(f"model: LlamaForCausalLM -> {CPU_MODEL_CLASS} (its loss is one LogSoftmax kernel; MindFormers' "
+                     "cross entropy is built for sharded vocabularies from seven, 7x slower here)")
+        model_class = CPU_MODEL_CLASS
     if ph.trains:
         loss_scale = _loss_scale(ph.loss_scale, precision["compute"] == "float32", notes)
         if not sup.npu_overflow_status:
@@ -90,5 +96,6 @@ def adapt(exp) -> Adapted:
         workers = cap
     return Adapted(precision=precision, flash_attention=flash, fused_rms_norm=sup.fused_rms_norm,
                    lazy_inline=sup.lazy_inline, sink_mode=sink, semi_auto_parallel=sup.semi_auto_parallel,
-                   use_past=use_past, loss_scale=loss_scale, train_step_wrapper=wrapper, dataset_workers=workers,
+                   use_past=use_past, loss_scale=loss_scale, train_step_wrapper=wrapper, model_class=model_class,
+                   dataset_workers=workers,
                    numpy_sampling=predict and not sup.kv_cache, notes=tuple(notes))

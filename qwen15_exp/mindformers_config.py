@@ -207,7 +207,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         "runner_config": {"epochs": epochs or ph.epochs, "batch_size": ph.batch_size, "sink_mode": adapted.sink_mode,
                           "sink_size": 1},
         "context": context_section(exp),
-        "model": {"model_config": model_config(exp, adapted), "arch": {"type": "LlamaForCausalLM"}},
+        "model": {"model_config": model_config(exp, adapted), "arch": {"type": adapted.model_class}},
     }
     if resume is not None:
         cfg.update(load_checkpoint=str(Path(resume.files[0]).parent.parent), resume_training=resume.name,
