@@ -10,23 +10,17 @@ Usage: python bench/compile_cache.py [--reps 3] [--steps 3] [overrides ...]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from job import run_job
+
 
 def run_once(work: Path, name: str, env: dict, steps: int, overrides: list[str]) -> dict:
-    run_dir = work / name
-    cmd = [sys.executable, "-m", "qwen15_exp", f"phase.max_steps={steps}", f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    result = json.loads((run_dir / "result.json").read_text())
+    result = run_job(work, name, env, steps, overrides)
     m = result["measured"]
     return {"to_first_step_s": m["time_to_first_step_s"], "first_step_s": m["step_times_s"][0],
             "cache": result["compile_cache"]["use"], "dir": result["compile_cache"]["dir"]}

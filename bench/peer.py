@@ -20,6 +20,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from job import run_job
+
 # name -> (our overrides, the model's shape for transformers)
 MODELS = {
     "tiny": ([], dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=176)),
@@ -56,12 +58,7 @@ PEER = textwrap.dedent("""
 
 
 def ours(work: Path, name: str, overrides: list[str], steps: int, env: dict) -> dict:
-    run_dir = work / name
-    cmd = [sys.executable, "-m", "qwen15_exp", f"phase.max_steps={steps}", f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    result = json.loads((run_dir / "result.json").read_text())
+    result = run_job(work, name, env, steps, overrides)
     times = result["measured"]["step_times_s"]
     return {"step_s": statistics.median(times[1:]), "params": result["plan"]["params_total"]}
 
