@@ -34,7 +34,8 @@ import mindspore as ms
 import numpy as np
 from mindspore.nn.wrap.loss_scale import _ascend_grad_overflow
 from mindspore.train.callback import Callback
-from mindspore import nn, ops
+from mindspore import nn
+from mindspore.ops import operations as P
 from mindformers.core.metric.metric import PerplexityMetric
 from mindformers.models.llama.llama import LlamaForCausalLM
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
@@ -53,22 +54,33 @@ class CPUTrainOneStepCell(MFTrainOneStepCell):
 
 class LogSoftmaxCrossEntropy(nn.Cell):
     """MindFormers' CrossEntropyLoss contract (logits (N, V), labels (N,), mask (N,) -> masked mean, or
-    numerator and denominator for per-token loss), computed by one LogSoftmax kernel."""
+    numerator and denominator for per-token loss), computed by one LogSoftmax kernel. Primitives, not
+    functional ops: a data-parallel graph on CPU rejects the sub-graphs those become. Masked labels may be
+    the ignore index (-100): they are gathered from column 0 (and masked), never from outside the row."""
 
     def __init__(self, calculate_per_token_loss: bool = False):
         super().__init__()
-        self.log_softmax = nn.LogSoftmax(axis=-1)
+        self.log_softmax = P.LogSoftmax(axis=-1)
+        self.gather = P.GatherD()
+        self.maximum = P.Maximum()
+        self.reshape = P.Reshape()
+        self.cast = P.Cast()
+        self.sum = P.ReduceSum()
+        self.mul = P.Mul()
+        self.div = P.RealDiv()
+        self.neg = P.Neg()
         self.per_token = calculate_per_token_loss
 
     def construct(self, logits, label, input_mask):
-        log_probs = self.log_softmax(ops.cast(logits, ms.float32))
-        nll = -ops.gather_elements(log_probs, 1, ops.reshape(ops.cast(label, ms.int32), (-1, 1)))
-        mask = ops.reshape(ops.cast(input_mask, ms.float32), (-1,))
-        numerator = ops.reduce_sum(ops.reshape(nll, (-1,)) * mask)
-        denominator = ops.reduce_sum(mask) + 1e-8
+        log_probs = self.log_softmax(self.cast(logits, ms.float32))
+        index = self.reshape(self.maximum(self.cast(label, ms.int32), 0), (-1, 1))
+        nll = self.reshape(self.neg(self.gather(log_probs, 1, index)), (-1,))
+        mask = self.reshape(self.cast(input_mask, ms.float32), (-1,))
+        numerator = self.sum(self.mul(nll, mask))
+        denominator = self.sum(mask) + 1e-8
         if self.per_token:
             return numerator, denominator
-        return numerator / denominator
+        return self.div(numerator, denominator)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
@@ -76,7 +88,7 @@ class CPULlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with the loss above: for layouts that do not shard the vocabulary (the CPU)."""
 
     def __init__(self, config=None):
-        super().__init__(config)
+        super().__init__(config=config)          # by keyword: MindFormers' lazy_inline reads `disable_lazy_inline` there
         self.loss = LogSoftmaxCrossEntropy(getattr(self.config, "calculate_per_token_loss", False))
 
 

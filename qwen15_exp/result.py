@@ -158,6 +158,8 @@ def job_line(result: dict) -> str:
                                                              if est.get("tokens_per_s") else ""))
     elif est.get("tokens_per_s"):
         parts.append(f"est {est['tokens_per_s_per_device']:,.0f} tokens/s/p")
+    if m.get("eval"):
+        parts.append(f"eval loss {m['eval'][-1]['loss']:.3f} (step {m['eval'][-1]['step']})")
     if m.get("perplexity") is not None:
         parts.append(f"perplexity {m['perplexity']:,.3f}")
     if p.get("memory"):

@@ -119,7 +119,8 @@ def test_evaluation_during_training_every_n_steps(tmp_path):
         evals = read_json(path)["measured"]["eval"]
         assert [e["step"] for e in evals] == [3, 6]
         assert evals[1]["loss"] < evals[0]["loss"] and evals[0]["tokens"] == evals[1]["tokens"] > 0
-    assert "eval after step 3: loss" in r.stdout and "eval after step 6: loss" in r.stdout
+    assert all("eval after step 3: loss" in (p.parent / "summary.txt").read_text() for p in results)
+    assert [("eval loss" in line) for line in r.stdout.splitlines() if line.startswith("job ")] == [True, True]
     report = next((tmp_path / "outputs").rglob("sweep_report.csv")).read_text().splitlines()
     header = report[0].split(",")
     assert "eval_loss" in header and "perplexity" in header

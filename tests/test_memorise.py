@@ -57,7 +57,7 @@ def test_a_finetuned_model_answers_its_records_verbatim_and_lora_adapters_chat_a
     # the base: the initialised model, saved (one step at a negligible learning rate; Adam's first steps move
     # every weight by about the learning rate, which leaves a worse start than the initialisation)
     base = newest_checkpoint(train(tmp_path, "base", rest, ["phase.max_steps=1", "phase.lr_schedule.learning_rate=1e-9"]))
-    full = train(tmp_path, "full", four, [f"phase.load_checkpoint={base}", "phase.max_steps=300",
+    full = train(tmp_path, "full", four, [f"phase.load_checkpoint={base}", "phase.max_steps=400",
                                           "phase.lr_schedule.learning_rate=2e-2"])
     assert read_json(full / "result.json")["measured"]["last_loss"] < 0.1
     lora = train(tmp_path, "lora", four, ["phase=lora", f"phase.load_checkpoint={base}", "phase.max_steps=60",
