@@ -4,9 +4,10 @@ MindSpore checks only that the Python files of the entry script have not changed
 graph (MS_COMPILER_CACHE_*: "be aware of correctness risks"): a changed layer count, sequence length or
 learning-rate schedule (its constants live in the graph) would silently reuse a wrong graph. So the folder
 is keyed here by the whole MindFormers config, less what cannot reach the graph (paths, the callbacks, the
-epoch count), and by the versions and environment that compile it. On this CPU the folders live under the
-cache root and are shared by every run with the same key; a plan for a cluster keeps its cache beside the
-run (`compile_cache/` in the run dir, relative as every path of a plan), so a resumed run reuses it.
+epoch count), by the versions and environment that compile it, and by our own graph code. On this CPU the
+folders live under the cache root and are shared by every run with the same key; a plan for a cluster keeps
+its cache beside the run (`compile_cache/` in the run dir, relative as every path of a plan), so a resumed
+run reuses it.
 """
 from __future__ import annotations
 
@@ -39,10 +40,16 @@ def graph_identity(mindformers_cfg: dict, run_dir: Path | str) -> object:
     return strip(mindformers_cfg)
 
 
+def own_graph_code() -> str:
+    """A digest of our module that puts code into the graph (the CPU train step, model and loss). MindSpore's
+    own check skips every file under sys.path, which an installed or editable qwen15_exp is."""
+    return hashlib.sha256((Path(__file__).parent / "mindformers_ext.py").read_bytes()).hexdigest()[:16]
+
+
 def cache_key(mindformers_cfg: dict, run_dir: Path | str, env: dict, versions: dict) -> str:
     compile_env = {k: v for k, v in env.items() if not k.startswith(("MS_COMPILER_CACHE", "QWEN15_EXP_"))}
     blob = json.dumps({"config": graph_identity(mindformers_cfg, run_dir), "env": compile_env,
-                       "versions": versions}, sort_keys=True, default=str)
+                       "versions": versions, "code": own_graph_code()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -207,3 +207,12 @@ def test_the_compile_cache_key_follows_the_graph_not_the_paths(experiment, tmp_p
     plan = make_plan(experiment(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2"]), tmp_path / "p")
     assert plan.env[PATH] == "compile_cache"                                # beside the run on the cluster
     assert make_plan(experiment(["hardware=cpu", "launch.compile_cache=false"]), tmp_path / "a").env.get(ENABLE) is None
+
+
+def test_the_compile_cache_key_follows_our_own_graph_code(monkeypatch):
+    """MindSpore skips files under sys.path when it checks a cached graph; a change of our train step or loss
+    must not reuse a graph compiled from the old code."""
+    from qwen15_exp import compile_cache
+    before = compile_cache.cache_key({"x": 1}, ".", {}, {})
+    monkeypatch.setattr(compile_cache, "own_graph_code", lambda: "changed")
+    assert compile_cache.cache_key({"x": 1}, ".", {}, {}) != before
