@@ -11,6 +11,7 @@ run reuses it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -40,6 +41,7 @@ def graph_identity(mindformers_cfg: dict, run_dir: Path | str) -> object:
     return strip(mindformers_cfg)
 
 
+@functools.lru_cache(maxsize=None)
 def own_graph_code() -> str:
     """A digest of our module that puts code into the graph (the CPU train step, model and loss). MindSpore's
     own check skips every file under sys.path, which an installed or editable qwen15_exp is."""

@@ -112,3 +112,8 @@ class StepsFollower:
         for line in complete.decode("utf-8").splitlines():
             record = json.loads(line)
             self.progress.step(record["loss"], record["step_s"])
+
+    def close(self) -> None:
+        """The last steps written, then the line closed."""
+        self.poll()
+        self.progress.close()

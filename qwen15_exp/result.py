@@ -1,6 +1,7 @@
 """Result step: what one run measured and estimated, as result.json, plus its one-screen summary."""
 from __future__ import annotations
 
+import functools
 import platform
 import shlex
 import statistics
@@ -9,13 +10,19 @@ from pathlib import Path
 
 
 def versions() -> dict:
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_versions() -> tuple:
+    """Read from the installed packages' metadata once per process (every plan asks, for the compile cache)."""
     out = {"python": platform.python_version()}
     for pkg in ("qwen15_exp", "mindspore", "mindformers", "hydra-core", "omegaconf", "tokenizers"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
-    return out
+    return tuple(out.items())
 
 
 def measured_figures(losses, step_times, tokens_per_step, devices, first_step_s, train_call_s,

@@ -11,6 +11,8 @@ Store: `tracking.uri`, else MLFLOW_TRACKING_URI, else a local SQLite store under
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from qwen15_exp.lifecycle import run_status
 ARTIFACTS = ("mindformers.yaml", "plan.json", "result.json")
 SWEEP_ARTIFACTS = ("sweep_report.md", "sweep_report.csv", "sweep_report.png")
 PARAM_VALUE_MAX = 6000            # MLflow's limit on a parameter's value
-BATCH = 100                       # MLflow's limit on params per log_batch call (metrics: 1000)
+BATCH, METRIC_BATCH = 100, 1000   # MLflow's limits on params and metrics per log_batch call
 
 
 def local_store(output_root: str | Path) -> tuple[str, str]:
@@ -80,29 +82,31 @@ def summary_metrics(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _client(tracking: dict, output_root: str):
-    import os
-
+def _open(tracking: dict, output_root: str, experiment: str):
+    """(client, experiment id) of the store the config names; the experiment is created when missing."""
     from mlflow import MlflowClient
     uri = tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
     artifacts = None
     if not uri:
         uri, artifacts = local_store(output_root)
         Path(artifacts).mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri), artifacts
-
-
-def _experiment_id(client, name: str, artifacts: str | None) -> str:
-    found = client.get_experiment_by_name(name)
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
     if found is not None:
-        return found.experiment_id
+        return client, found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifacts)
+        return client, client.create_experiment(experiment, artifact_location=artifacts)
     except Exception:                  # another job of the sweep created it first
-        found = client.get_experiment_by_name(name)
+        found = client.get_experiment_by_name(experiment)
         if found is None:
             raise
-        return found.experiment_id
+        return client, found.experiment_id
+
+
+def _log_files(client, run_id: str, folder: Path, names: tuple) -> None:
+    for name in names:
+        if (folder / name).is_file():
+            client.log_artifact(run_id, str(folder / name))
 
 
 def _log_batch(client, run_id: str, params: dict[str, str] = None, metrics: list = ()) -> None:
@@ -112,8 +116,8 @@ def _log_batch(client, run_id: str, params: dict[str, str] = None, metrics: list
     for i in range(0, len(items), BATCH):
         client.log_batch(run_id, params=items[i:i + BATCH])
     entries = [Metric(k, v, now, s) for k, v, s in metrics]
-    for i in range(0, len(entries), 1000):
-        client.log_batch(run_id, metrics=entries[i:i + 1000])
+    for i in range(0, len(entries), METRIC_BATCH):
+        client.log_batch(run_id, metrics=entries[i:i + METRIC_BATCH])
 
 
 MLFLOW_STATUS = {"ok": "FINISHED", "planned": "FINISHED", "killed": "KILLED", "interrupted": "KILLED"}
@@ -122,8 +126,7 @@ MLFLOW_STATUS = {"ok": "FINISHED", "planned": "FINISHED", "killed": "KILLED", "i
 def log_job(tracking: dict, output_root: str, experiment: str, run_dir: Path, config: dict,
             sweep_dir: str | None, job: str | None) -> str:
     """One job's MLflow run; returns its run id."""
-    client, artifacts = _client(tracking, output_root)
-    exp_id = _experiment_id(client, experiment, artifacts)
+    client, exp_id = _open(tracking, output_root, experiment)
     result = run_status(run_dir)
     tags = {"qwen15_exp.run_dir": str(run_dir), "qwen15_exp.status": str(result.get("status")),
             "mlflow.runName": f"{job}: {result.get('model')} {result.get('parallel')} {result.get('phase')}"
@@ -134,22 +137,17 @@ def log_job(tracking: dict, output_root: str, experiment: str, run_dir: Path, co
     run_id = run.info.run_id
     _log_batch(client, run_id, params=flat_params(config),
                metrics=step_metrics(result) + [(k, v, 0) for k, v in summary_metrics(result).items()])
-    for name in ARTIFACTS:
-        if (run_dir / name).is_file():
-            client.log_artifact(run_id, str(run_dir / name))
+    _log_files(client, run_id, run_dir, ARTIFACTS)
     client.set_terminated(run_id, MLFLOW_STATUS.get(result.get("status"), "FAILED"))
     return run_id
 
 
 def log_sweep(tracking: dict, output_root: str, experiment: str, sweep_dir: Path, title: str) -> str:
     """The sweep's parent run: its report as artifacts, its jobs' runs as children."""
-    client, artifacts = _client(tracking, output_root)
-    exp_id = _experiment_id(client, experiment, artifacts)
+    client, exp_id = _open(tracking, output_root, experiment)
     run = client.create_run(exp_id, tags={"mlflow.runName": f"sweep: {title}",
                                           "qwen15_exp.sweep_dir": str(sweep_dir), "qwen15_exp.sweep": "true"})
-    for name in SWEEP_ARTIFACTS:
-        if (sweep_dir / name).is_file():
-            client.log_artifact(run.info.run_id, str(sweep_dir / name))
+    _log_files(client, run.info.run_id, sweep_dir, SWEEP_ARTIFACTS)
     # quotes inside the filter value are escaped by MLflow's parser only for single-quoted strings
     value = str(sweep_dir).replace("'", "\\'")
     for child in client.search_runs([exp_id], f"tags.`qwen15_exp.sweep_dir` = '{value}'", max_results=10000):
@@ -167,7 +165,6 @@ TRACKING_FAILED: list[str] = []     # what could not be logged (read by __main__
 
 
 def _say_failure(what: str, e: Exception) -> None:
-    import sys
     TRACKING_FAILED.append(what)
     print(f"mlflow: could not log {what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
 
@@ -175,10 +172,11 @@ def _say_failure(what: str, e: Exception) -> None:
 def sweep_ended(config, sweep_dir: Path, title: str) -> None:
     """Called by the sweep report once it is written (Hydra ends callbacks in reverse order, so a callback
     of our own would run before the report exists)."""
-    if _tracking(config).get("backend") != "mlflow":
+    tracking = _tracking(config)
+    if tracking.get("backend") != "mlflow":
         return
     try:
-        run_id = log_sweep(_tracking(config), config.paths.output_root, config.experiment_name, sweep_dir, title)
+        run_id = log_sweep(tracking, config.paths.output_root, config.experiment_name, sweep_dir, title)
         print(f"mlflow: sweep run {run_id}")
     except Exception as e:             # noqa: BLE001 - said, and the exit status says so
         _say_failure(f"the sweep {sweep_dir}", e)

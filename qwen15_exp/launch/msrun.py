@@ -210,8 +210,7 @@ def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
                          on_poll=follower.poll if follower else lambda: None)
     finally:
         if follower:
-            follower.poll()
-            follower.progress.close()
+            follower.close()
         if console:
             console.close()
     if code != 0 and not request():
