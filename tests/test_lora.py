@@ -190,15 +190,22 @@ def test_peft_folders_read_back_and_continue_only_with_matching_lora(tmp_path):
     from qwen15_exp.errors import UserError
     from qwen15_exp.weights.adapters import check_continues
     from qwen15_exp.weights.lora import Adapters, check_fit
+    from safetensors.numpy import load_file
+
     from qwen15_exp.weights.peft import export_peft, read_peft
     rng = np.random.default_rng(0)
     pairs = {f"model.layers.{i}.attention.{w}": (rng.standard_normal((4, 64)).astype(np.float32),
                                                  rng.standard_normal((64, 4)).astype(np.float32))
              for i in range(2) for w in ("wq", "wv")}
-    extras = {"model.norm_out.weight": np.ones(64, np.float32)}
+    extras = {"model.norm_out.weight": np.ones(64, np.float32),
+              "model.tok_embeddings.embedding_weight": rng.standard_normal((32, 64)).astype(np.float32)}
     export_peft(Adapters(4, 8, pairs, extras, "test"), tmp_path / "peft")
     config = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["q_proj", "v_proj"] and config["modules_to_save"] == ["model.norm"]
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    # a trained (tied) embedding: kept as peft keeps it, its lm_head tied to the trained copy and saved beside it
+    assert config["modules_to_save"] == ["model.embed_tokens", "model.norm"] and config["ensure_weight_tying"]
+    written = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert np.array_equal(written["base_model.model.lm_head.weight"], extras["model.tok_embeddings.embedding_weight"])
     back = read_peft(tmp_path / "peft")
     assert (back.rank, back.alpha, sorted(back.pairs), sorted(back.extras)) == (4, 8, sorted(pairs), sorted(extras))
     assert all(np.array_equal(back.pairs[k][0], pairs[k][0]) and np.array_equal(back.pairs[k][1], pairs[k][1])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from qwen15_exp.errors import UserError
 from qwen15_exp.weights.lora import Adapters, as_f32
 from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
@@ -26,15 +28,26 @@ def _hf_module(mf_layer: str) -> str:
     return name[: -len(".weight")]
 
 
+def _extra_module(mf_name: str) -> str:
+    """The Hugging Face module that holds a trained tensor (the embedding's MindFormers name has no .weight)."""
+    name = rename(mf_name, MF_TO_HF)
+    if name is None:
+        raise UserError(f"no Hugging Face name for the trained tensor {mf_name}")
+    return name.rsplit(".", 1)[0]
+
+
 def peft_config(adapters: Adapters, base_model: str, dropout: float) -> dict:
     modules = [_hf_module(layer) for layer in adapters.pairs]
-    extras = sorted({_hf_module(n[: -len(".weight")]) for n in adapters.extras if n.endswith(".weight")})
+    extras = sorted({_extra_module(n) for n in adapters.extras})
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
         "r": adapters.rank, "lora_alpha": adapters.alpha, "lora_dropout": dropout,
         # MindFormers matches one attribute name in every layer; PEFT matches module-name suffixes the same way
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
         "modules_to_save": extras or None,
+        # a trained embedding kept in modules_to_save is a copy; a tied lm_head must follow the copy (a harmless
+        # warning from peft when the base does not tie them)
+        "ensure_weight_tying": "model.embed_tokens" in extras,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True,
     }
@@ -50,6 +63,9 @@ def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout
         tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = a, b
     for name, value in adapters.extras.items():
         tensors[PREFIX + rename(name, MF_TO_HF)] = value
+    embedding = tensors.get(PREFIX + "model.embed_tokens.weight")
+    if embedding is not None:                 # peft's own save_pretrained writes the tied lm_head beside it
+        tensors.setdefault(PREFIX + "lm_head.weight", embedding)
     with atomic_dir(out_dir) as tmp:
         write_f32(tmp / WEIGHTS, tensors, "peft export")
         write_json(tmp / CONFIG, peft_config(adapters, base_model, dropout))
@@ -84,6 +100,10 @@ def read_peft(folder: Path) -> Adapters:
             if mf is None:
                 raise UserError(f"{folder}: tensor {key} is neither an adapter nor a Qwen2 weight")
             extras[mf] = value
+    embedding = extras.get(rename("model.embed_tokens.weight", HF_TO_MF))
+    if config.get("ensure_weight_tying") and embedding is not None and np.array_equal(extras.get("lm_head.weight"),
+                                                                                      embedding):
+        del extras["lm_head.weight"]          # one tensor in a tied MindFormers model
     broken = [layer for layer, (a, b) in pairs.items() if a is None or b is None]
     if broken:
         raise UserError(f"{folder}: adapters without their A or B half: {broken[:3]}")
