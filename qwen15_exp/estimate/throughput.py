@@ -55,8 +55,8 @@ def train_flops_per_token(exp) -> float:
     n, attn = matmul_params(m), m.num_layers * m.hidden_size * s
     weight_grads = 2 * n if exp.phase.lora is None else 2 * min(n, trainable_params(m, exp.phase.lora))
     flops = 4 * n + weight_grads + 6 * attn
-    if recompute_kind(exp.phase.recompute)[0]:     # selective recompute redoes element-wise work only
-        flops += 2 * n + 2 * attn
+    if recompute_kind(exp.phase.recompute)[0]:     # the decoder layers once more (not lm_head); selective
+        flops += 2 * m.num_layers * layer_params(m) + 2 * attn    # recompute redoes element-wise work only
     return flops
 
 
@@ -128,11 +128,11 @@ def layer_and_head_work(exp, layout, c: dict, peak: float, act_bytes: int) -> tu
         matmul=layer_flops / (peak * eff) + attn_flops / (peak * eff * c.get("attention_efficiency", 1.0)),
         memory=layer_bytes / bandwidth,
         launch=KERNELS_PER_LAYER * (forwards + 2) * c.get("kernel_launch_us", 0.0) / 1e6)
-    # lm_head, and the fp32 logits of the loss (about 4 passes)
+    # lm_head (forward and two backward GEMMs: recompute redoes decoder layers only), and the fp32 logits of
+    # the loss (about 4 passes)
     vocab = m.vocab_size // (1 if p.vocab_emb_dp else t)
     f, by = gemm_flops_bytes(rows, m.hidden_size, vocab, act_bytes)
-    head = StageWork(matmul=f * (forwards + 2) / (peak * eff),
-                     memory=(by * (forwards + 2) + 4 * 4 * rows * vocab) / bandwidth, launch=0.0)
+    head = StageWork(matmul=f * 3 / (peak * eff), memory=(by * 3 + 4 * 4 * rows * vocab) / bandwidth, launch=0.0)
     return layer, head
 
 
@@ -210,7 +210,7 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         kind="train", tokens_per_s=tokens / step, tokens_per_s_per_device=tokens / step / n_dev, step_s=step,
         terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
                  "data_parallel_comm": exposed * dp, "memory_traffic": memory, "launch_overhead": overhead},
-        assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.0f} TFLOP/s "
+        assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.3g} TFLOP/s "
                     f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}; model FLOPs "
                     f"utilisation {tokens / step / n_dev * train_flops_per_token(exp) / (peak * workers_sharing):.0%}")
 
