@@ -147,12 +147,15 @@ def stage_works(exp, layout, c: dict, peak: float, act_bytes: int) -> list[Stage
 
 
 def optimizer_traffic_bytes(exp, layout) -> float:
-    """The optimizer update: weight, gradient and two AdamW moments, read and written (32 bytes per fp32
-    trainable parameter), on the device's shard."""
+    """The optimizer update on the device's shard of the trainable parameters: a fused AdamW reads and writes
+    the weight, gradient and two moments once (32 bytes per fp32 parameter); where it runs as separate
+    element-wise kernels (MindSpore's CPU AdamW, its gradient zeroing and overflow check) each pass moves them
+    again: the profile's `optimizer_bytes_per_param`."""
     p, m = exp.parallel, exp.model
     shard = layout.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
     trainable_share = trainable_params(m, exp.phase.lora) / total_params(m)
-    return params_per_device(exp, layout) * trainable_share / shard * 32
+    bytes_per_param = exp.hardware.estimate.get("optimizer_bytes_per_param", 32)
+    return params_per_device(exp, layout) * trainable_share / shard * bytes_per_param
 
 
 def peak_flops(exp, compute_dtype: str) -> float:
