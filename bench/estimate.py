@@ -5,7 +5,7 @@
    worst <= 25 %.
 3. Predict rows of the 800T A2 table, reported with their assumption (batch 1).
 4. A CPU sweep measured here: tiny and mini x single and dp2, `phase.max_steps` steps each. Goal: median
-   |estimate/measured - 1| <= 25 %. (The CPU constant was calibrated on the tiny single-process job.)
+   |estimate/measured - 1| <= 25 %. (The CPU constants were fitted on jobs like these: conf/hardware/cpu.yaml.)
 
 With --fit: fit compute_efficiency, attention_efficiency and comm_overlap again on the 800T A2 training rows
 (a grid, least squares of log ratios) and show both tables with the fitted values.

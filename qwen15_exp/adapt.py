@@ -80,11 +80,11 @@ def adapt(exp) -> Adapted:
         notes.append(f"parallel.parallel_mode: 1 -> 0 (semi-auto parallel does not run on {name}; data parallel "
                      "only)")
     loss_scale, wrapper, model_class = None, "MFTrainOneStepCell", "LlamaForCausalLM"
-    if ph.trains and not sup.semi_auto_parallel:
-        notes.append(f"model: LlamaForCausalLM -> {CPU_MODEL_CLASS} (its loss is one LogSoftmax kernel; MindFormers' "
-                     "cross entropy is built for sharded vocabularies from seven, 7x slower here)")
-        model_class = CPU_MODEL_CLASS
     if ph.trains:
+        if not sup.semi_auto_parallel:         # no layout shards the vocabulary
+            notes.append(f"model: LlamaForCausalLM -> {CPU_MODEL_CLASS} (its loss is one LogSoftmax kernel; "
+                         "MindFormers' cross entropy is built for sharded vocabularies from seven, 7x slower here)")
+            model_class = CPU_MODEL_CLASS
         loss_scale = _loss_scale(ph.loss_scale, precision["compute"] == "float32", notes)
         if not sup.npu_overflow_status:
             notes.append(f"runner_wrapper: MFTrainOneStepCell -> {CPU_TRAIN_STEP_WRAPPER} (its overflow check uses "

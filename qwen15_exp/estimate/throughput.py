@@ -146,6 +146,9 @@ def stage_works(exp, layout, c: dict, peak: float, act_bytes: int) -> list[Stage
             for i, n in enumerate(layers)]
 
 
+FUSED_ADAMW_BYTES_PER_PARAM = 32          # fp32 weight, gradient and two moments, each read and written once
+
+
 def optimizer_traffic_bytes(exp, layout) -> float:
     """The optimizer update on the device's shard of the trainable parameters: a fused AdamW reads and writes
     the weight, gradient and two moments once (32 bytes per fp32 parameter); where it runs as separate
@@ -154,7 +157,7 @@ def optimizer_traffic_bytes(exp, layout) -> float:
     p, m = exp.parallel, exp.model
     shard = layout.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
     trainable_share = trainable_params(m, exp.phase.lora) / total_params(m)
-    bytes_per_param = exp.hardware.estimate.get("optimizer_bytes_per_param", 32)
+    bytes_per_param = exp.hardware.estimate.get("optimizer_bytes_per_param", FUSED_ADAMW_BYTES_PER_PARAM)
     return params_per_device(exp, layout) * trainable_share / shard * bytes_per_param
 
 

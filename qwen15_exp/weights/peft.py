@@ -21,24 +21,20 @@ PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _hf_module(mf_layer: str) -> str:
-    name = rename(mf_layer + ".weight", MF_TO_HF)
-    if name is None:
-        raise UserError(f"no Hugging Face name for the adapter on {mf_layer}")
-    return name[: -len(".weight")]
+EMBEDDING, LM_HEAD = "model.embed_tokens", "lm_head"    # Hugging Face modules of a tied pair
 
 
-def _extra_module(mf_name: str) -> str:
-    """The Hugging Face module that holds a trained tensor (the embedding's MindFormers name has no .weight)."""
-    name = rename(mf_name, MF_TO_HF)
+def _hf_module(mf_tensor: str) -> str:
+    """The Hugging Face module that holds a MindFormers tensor (the embedding's name has no .weight)."""
+    name = rename(mf_tensor, MF_TO_HF)
     if name is None:
-        raise UserError(f"no Hugging Face name for the trained tensor {mf_name}")
+        raise UserError(f"no Hugging Face name for {mf_tensor}")
     return name.rsplit(".", 1)[0]
 
 
 def peft_config(adapters: Adapters, base_model: str, dropout: float) -> dict:
-    modules = [_hf_module(layer) for layer in adapters.pairs]
-    extras = sorted({_extra_module(n) for n in adapters.extras})
+    modules = [_hf_module(layer + ".weight") for layer in adapters.pairs]
+    extras = sorted({_hf_module(n) for n in adapters.extras})
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
         "r": adapters.rank, "lora_alpha": adapters.alpha, "lora_dropout": dropout,
@@ -47,7 +43,7 @@ def peft_config(adapters: Adapters, base_model: str, dropout: float) -> dict:
         "modules_to_save": extras or None,
         # a trained embedding kept in modules_to_save is a copy; a tied lm_head must follow the copy (a harmless
         # warning from peft when the base does not tie them)
-        "ensure_weight_tying": "model.embed_tokens" in extras,
+        "ensure_weight_tying": EMBEDDING in extras,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True,
     }
@@ -59,13 +55,13 @@ def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout
     from qwen15_exp.weights.lora import write_f32
     tensors = {}
     for layer, (a, b) in adapters.pairs.items():
-        module = PREFIX + _hf_module(layer)
+        module = PREFIX + _hf_module(layer + ".weight")
         tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = a, b
     for name, value in adapters.extras.items():
         tensors[PREFIX + rename(name, MF_TO_HF)] = value
-    embedding = tensors.get(PREFIX + "model.embed_tokens.weight")
+    embedding = tensors.get(f"{PREFIX}{EMBEDDING}.weight")
     if embedding is not None:                 # peft's own save_pretrained writes the tied lm_head beside it
-        tensors.setdefault(PREFIX + "lm_head.weight", embedding)
+        tensors.setdefault(f"{PREFIX}{LM_HEAD}.weight", embedding)
     with atomic_dir(out_dir) as tmp:
         write_f32(tmp / WEIGHTS, tensors, "peft export")
         write_json(tmp / CONFIG, peft_config(adapters, base_model, dropout))
@@ -100,10 +96,11 @@ def read_peft(folder: Path) -> Adapters:
             if mf is None:
                 raise UserError(f"{folder}: tensor {key} is neither an adapter nor a Qwen2 weight")
             extras[mf] = value
-    embedding = extras.get(rename("model.embed_tokens.weight", HF_TO_MF))
-    if config.get("ensure_weight_tying") and embedding is not None and np.array_equal(extras.get("lm_head.weight"),
-                                                                                      embedding):
-        del extras["lm_head.weight"]          # one tensor in a tied MindFormers model
+    embedding_name, head_name = (rename(f"{m}.weight", HF_TO_MF) for m in (EMBEDDING, LM_HEAD))
+    embedding, head = extras.get(embedding_name), extras.get(head_name)
+    if config.get("ensure_weight_tying") and embedding is not None and head is not None \
+            and np.array_equal(head, embedding):
+        del extras[head_name]                 # one tensor in a tied MindFormers model
     broken = [layer for layer, (a, b) in pairs.items() if a is None or b is None]
     if broken:
         raise UserError(f"{folder}: adapters without their A or B half: {broken[:3]}")
