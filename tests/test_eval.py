@@ -87,6 +87,8 @@ def test_eval_perplexity_is_the_token_mean_and_matches_transformers(tmp_path):
     ours = rows_and_mindspore_nll(result["data"]["folder"], checkpoint, str(mf_yaml), tmp_path)
     assert ours["tokens"] == m["eval_tokens"]
     independent = float(np.exp(ours["nll"] / ours["tokens"]))
+    print(f"CHECK eval: perplexity {m['perplexity']:.6f}, exp(mean token NLL from the logits) {independent:.6f} "
+          f"(relative {abs(m['perplexity'] / independent - 1):.1e}, <= 1e-4)")
     assert abs(m["perplexity"] / independent - 1) <= 1e-4, (m["perplexity"], independent)
     # transformers' perplexity of the same random Qwen2 on the same rows
     model = Qwen2ForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
@@ -100,6 +102,7 @@ def test_eval_perplexity_is_the_token_mean_and_matches_transformers(tmp_path):
             tokens += scored
     theirs = float(np.exp(nll / tokens))
     assert tokens == m["eval_tokens"]
+    print(f"CHECK eval: transformers' perplexity {theirs:.6f} (relative {abs(m['perplexity'] / theirs - 1):.1e}, <= 1e-3)")
     assert abs(m["perplexity"] / theirs - 1) <= 1e-3, (m["perplexity"], theirs)
 
 

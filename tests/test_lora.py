@@ -106,6 +106,7 @@ def test_lora_on_cpu_trains_only_the_adapters(tmp_path, monkeypatch):
     assert "converted 26 tensors" in r.stdout                                       # tiny's network, no adapters
     assert all(np.array_equal(load_file(str(merged))[n], after[n]) for n in frozen if "attention.w" not in n)
     to_merged, to_base = logits_difference(run_dir, merged, base_file)
+    print(f"CHECK lora: max |logits(LoRA) - logits(merged)| = {to_merged:.2e} (<= 1e-5), vs the base {to_base:.2e}")
     assert to_merged <= 1e-5 and to_base > 1e-3          # the adapters matter, and the merge keeps them exactly
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     check_peft_round_trip(tmp_path, run_dir, base_file, merged)
@@ -140,6 +141,7 @@ def check_peft_round_trip(tmp_path, run_dir, base_file, merged):
     with torch.no_grad():
         theirs = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     ours = np.load(run_dir / "lora_logits.npy")
+    print(f"CHECK lora: max |logits(peft on HF base) - logits(LoRA)| = {np.abs(theirs - ours).max():.2e} (<= 1e-4)")
     assert np.abs(theirs - ours).max() <= 1e-4, np.abs(theirs - ours).max()
     # and back: the PEFT folder on the base merges to the run's own merge
     again = load_file(with_adapters(str(base_file), str(peft_dir)))

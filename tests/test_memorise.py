@@ -59,15 +59,18 @@ def test_a_finetuned_model_and_its_lora_adapters_answer_their_records_verbatim(t
     base = newest_checkpoint(train(tmp_path, "base", rest, ["phase.max_steps=300", "phase.lr_schedule.learning_rate=1e-2"]))
     full = train(tmp_path, "full", four, [f"phase.load_checkpoint={base}", "phase.max_steps=400",
                                           "phase.lr_schedule.learning_rate=2e-2"])
+    print(f"CHECK memorise: full finetune last loss {read_json(full / 'result.json')['measured']['last_loss']:.4f}")
     assert read_json(full / "result.json")["measured"]["last_loss"] < 0.1
     lora = train(tmp_path, "lora", four, ["phase=lora", f"phase.load_checkpoint={base}", "phase.max_steps=400",
                                           "phase.lora.dropout=0", "phase.lr_schedule.learning_rate=2e-2",
                                           "phase.lora.rank=16", "phase.lora.target_modules=.*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3",
                                           "phase.lora.trainable=['*tok_embeddings*','*norm*']"])
+    print(f"CHECK memorise: LoRA last loss {read_json(lora / 'result.json')['measured']['last_loss']:.4f}")
     assert read_json(lora / "result.json")["measured"]["last_loss"] < 0.1
 
     # full weights, each question on its own: the answers come back verbatim, and they are what was shown
     turns, shown = chat(tmp_path, "chat_full", questions, [f"phase.load_checkpoint={newest_checkpoint(full)}"], False)
+    print(f"CHECK memorise: full weights, verbatim answers {sum(t['answer'] == a for t, a in zip(turns, answers))}/4")
     assert [t["answer"] for t in turns] == answers
     assert all(t["ended_by"] == "<|im_end|>" for t in turns)
     assert all(a in shown for a in answers)
@@ -75,6 +78,8 @@ def test_a_finetuned_model_and_its_lora_adapters_answer_their_records_verbatim(t
     # checkpoint does
     with_adapter, shown = chat(tmp_path, "chat_lora", questions, [f"phase.load_checkpoint={base}",
                                                                   f"phase.adapter={lora}"], False)
+    print(f"CHECK memorise: base + LoRA adapters, verbatim answers "
+          f"{sum(t['answer'] == a for t, a in zip(with_adapter, answers))}/4")
     assert [t["answer"] for t in with_adapter] == answers
     assert all(t["ended_by"] == "<|im_end|>" for t in with_adapter) and all(a in shown for a in answers)
     merged = tmp_path / "merged.safetensors"
@@ -83,7 +88,9 @@ def test_a_finetuned_model_and_its_lora_adapters_answer_their_records_verbatim(t
     assert r.returncode == 0, r.stderr
     from_merged, _ = chat(tmp_path, "chat_merged", questions[:2], [f"phase.load_checkpoint={merged}"], False)
     assert [t["answer"] for t in from_merged] == answers[:2]
-    assert peft_logits_difference(tmp_path, lora, base, merged) <= 1e-4
+    peft_difference = peft_logits_difference(tmp_path, lora, base, merged)
+    print(f"CHECK memorise: max |logits(peft, trained tied embedding) - logits(merged)| = {peft_difference:.2e} (<= 1e-4)")
+    assert peft_difference <= 1e-4
     # with history the prompt is one the model never saw; whatever it answers, generation stopped at the end of
     # the answer and the terminal showed exactly that answer (or said that there was none)
     turns, shown = chat(tmp_path, "chat_history", questions[:2], [f"phase.load_checkpoint={newest_checkpoint(full)}"],
@@ -98,6 +105,7 @@ def test_a_finetuned_model_and_its_lora_adapters_answer_their_records_verbatim(t
         r = run_cli([*SHORT, f"data.input={four}", "phase=eval", *weights], tmp_path / name)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         m = read_json(next((tmp_path / name / "outputs").rglob("result.json")))["measured"]
+        print(f"CHECK memorise: {name} perplexity {m['perplexity']:.4f}")
         assert 1.0 <= m["perplexity"] < 1.1, (name, m)
 
 
