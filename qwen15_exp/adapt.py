@@ -12,6 +12,7 @@ from dataclasses import dataclass
 PRECISIONS = ("compute", "param_init", "softmax", "rotary", "layernorm")
 CPU_TRAIN_STEP_WRAPPER = "CPUTrainOneStepCell"     # registered by qwen15_exp.mindformers_ext
 CPU_MODEL_CLASS = "CPULlamaForCausalLM"            # the same, with a one-kernel loss
+CPU_OPTIMIZER = "CPUAdamW"                        # the same, AdamW through a kernel the CPU has
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Adapted:
     loss_scale: object              # None (no scale_sense key), a float, or a DynamicLossScaleUpdateCell dict
     train_step_wrapper: str
     model_class: str                # model.arch.type
+    optimizer: str                  # optimizer.type
     dataset_workers: int
     numpy_sampling: bool            # generate's logits processors in numpy (TopK has no CPU kernel)
     notes: tuple                    # one line per adaptation, for the summary and plan.json
@@ -79,7 +81,7 @@ def adapt(exp) -> Adapted:
     if not sup.semi_auto_parallel:
         notes.append(f"parallel.parallel_mode: 1 -> 0 (semi-auto parallel does not run on {name}; data parallel "
                      "only)")
-    loss_scale, wrapper, model_class = None, "MFTrainOneStepCell", "LlamaForCausalLM"
+    loss_scale, wrapper, model_class, optimizer = None, "MFTrainOneStepCell", "LlamaForCausalLM", ph.optimizer.type
     if ph.trains:
         if not sup.semi_auto_parallel:         # no layout shards the vocabulary
             notes.append(f"model: LlamaForCausalLM -> {CPU_MODEL_CLASS} (its loss is one LogSoftmax kernel; "
@@ -90,6 +92,10 @@ def adapt(exp) -> Adapted:
             notes.append(f"runner_wrapper: MFTrainOneStepCell -> {CPU_TRAIN_STEP_WRAPPER} (its overflow check uses "
                          "IsFinite; NPUGetFloatStatusV2 has no CPU kernel)")
             wrapper = CPU_TRAIN_STEP_WRAPPER
+        if optimizer == "AdamW" and not sup.fused_adamw:
+            notes.append(f"optimizer: AdamW -> {CPU_OPTIMIZER} (the same update through MindSpore's fused "
+                         "AdamWeightDecay kernel; MindFormers' AdamW is ten element-wise kernels per parameter here)")
+            optimizer = CPU_OPTIMIZER
     workers, cap = exp.data.num_parallel_workers, hw.max_dataset_workers
     if not predict and cap and workers > cap:
         notes.append(f"num_parallel_workers: {workers} -> {cap} (MindSpore allows at most one per core)")
@@ -97,5 +103,6 @@ def adapt(exp) -> Adapted:
     return Adapted(precision=precision, flash_attention=flash, fused_rms_norm=sup.fused_rms_norm,
                    lazy_inline=sup.lazy_inline, sink_mode=sink, semi_auto_parallel=sup.semi_auto_parallel,
                    use_past=use_past, loss_scale=loss_scale, train_step_wrapper=wrapper, model_class=model_class,
+                   optimizer=optimizer,
                    dataset_workers=workers,
                    numpy_sampling=predict and not sup.kv_cache, notes=tuple(notes))

@@ -226,7 +226,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         opt = ph.optimizer
         cfg.update({
             "runner_wrapper": runner_wrapper(exp, adapted),
-            "optimizer": {"type": opt.type, "betas": list(opt.betas), "eps": opt.eps,
+            "optimizer": {"type": adapted.optimizer, "betas": list(opt.betas), "eps": opt.eps,
                           "weight_decay": opt.weight_decay, "learning_rate": lr.learning_rate},
             "lr_schedule": schedule,
             "recompute_config": {k: getattr(ph.recompute, k) for k in (

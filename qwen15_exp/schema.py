@@ -229,6 +229,7 @@ class Supports:
     semi_auto_parallel: bool = True       # model / pipeline parallel
     kv_cache: bool = True                 # use_past (incremental decoding)
     npu_overflow_status: bool = True      # MFTrainOneStepCell's overflow check
+    fused_adamw: bool = True              # AdamW in one kernel per parameter (Ascend fuses MindFormers' AdamW)
     lazy_inline: bool = True
 
 
