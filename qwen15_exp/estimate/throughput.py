@@ -151,9 +151,9 @@ FUSED_ADAMW_BYTES_PER_PARAM = 32          # fp32 weight, gradient and two moment
 
 def optimizer_traffic_bytes(exp, layout) -> float:
     """The optimizer update on the device's shard of the trainable parameters: a fused AdamW reads and writes
-    the weight, gradient and two moments once (32 bytes per fp32 parameter); where it runs as separate
-    element-wise kernels (MindSpore's CPU AdamW, its gradient zeroing and overflow check) each pass moves them
-    again: the profile's `optimizer_bytes_per_param`."""
+    the weight, gradient and two moments once (32 bytes per fp32 parameter); where the gradient is also passed
+    over by slow element-wise kernels (on the CPU: the loss-scale and clipping multiplies, the norm, the tied
+    embedding's gradient sum) the profile's `optimizer_bytes_per_param` says how many bytes that costs."""
     p, m = exp.parallel, exp.model
     shard = layout.data_parallel if (p.enable_parallel_optimizer or p.optimizer_shard) else 1
     trainable_share = trainable_params(m, exp.phase.lora) / total_params(m)
