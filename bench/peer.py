@@ -2,7 +2,8 @@
 
 The same Qwen1.5-shaped model (the tiny default, and one of about 50 M parameters) trained by
 `python -m qwen15_exp` (MindSpore + MindFormers) and by PyTorch + transformers (`Qwen2ForCausalLM`, AdamW,
-fp32), with the same batch, sequence length and thread count, alternating, each in a fresh process. Steady
+fp32, gradients clipped at 1.0 as the recipe's are), with the same batch, sequence length and thread count,
+alternating, each in a fresh process. Steady
 tokens/s = tokens per step / median step time over steps 2..N (the first step compiles or warms up).
 Goal: ours >= 1.0x the peer.
 
@@ -39,15 +40,16 @@ PEER = textwrap.dedent("""
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=vocab, num_key_value_heads=shape["num_attention_heads"], rope_theta=1e6,
                       rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=seq,
-                      torch_dtype="float32", attn_implementation="eager", **shape)
+                      torch_dtype="float32", **shape)          # transformers' default attention (sdpa)
     model = Qwen2ForCausalLM(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     ids = torch.randint(0, vocab, (batch, seq + 1))
     times, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()
         out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)     # as the recipe's use_clip_grad does
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)

@@ -48,6 +48,9 @@ def slurm_missing(argv: list[str]) -> str | None:
 def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
     import hydra
 
+    from qwen15_exp.console import quiet
+    quiet(sys.argv[1:])                   # every entrypoint (chat, prepare, convert): MindFormers' log to its files
+
     problem = slurm_missing(sys.argv[1:])
     if problem:
         report_user_error(problem)

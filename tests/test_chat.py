@@ -61,9 +61,14 @@ def test_chat_batch_and_predict_run_on_cpu(tmp_path):
     r = run_cli(["chat.mode=batch", "chat.questions=[hello,'你好']", "chat.seed=0"], tmp_path, module="qwen15_exp.chat")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("user> ") == 2 and "history 1 turns" in r.stdout
+    terminal = r.stdout + r.stderr                 # MindFormers' and MindSpore's log stay in the run's files
+    assert " - mindformers" not in terminal and "[WARNING]" not in terminal and "INFO" not in terminal, terminal
     (tmp_path / "p").mkdir()
     r = run_cli(["phase=predict", "phase.predict_data=[hello world]"], tmp_path / "p")
     assert r.returncode == 0, r.stderr[-2000:]
+    terminal = r.stdout + r.stderr
+    assert " - mindformers" not in terminal and "[WARNING]" not in terminal and "INFO" not in terminal, terminal
+    assert r.stdout.startswith("qwen15_exp  ")    # the summary is all the terminal shows
     result = read_json(only_run_dir(tmp_path / "p") / "result.json")
     assert result["status"] == "ok" and len(result["generated"]) == 1
     assert result["measured"]["generated_tokens"] > 0 and result["measured"]["tokens_per_s"] > 0

@@ -114,7 +114,8 @@ def run_predict(plan, exp) -> tuple[dict, list[dict]]:
     g = exp.phase.generation
     max_new = g.max_new_tokens or max(1, exp.data.seq_length // 4)
     generated, tokens, seconds = [], 0, 0.0
-    with inside(plan.run_dir, mindformers_env(plan.run_dir)):
+    from qwen15_exp.console import mindformers_output
+    with inside(plan.run_dir, mindformers_env(plan.run_dir)), mindformers_output(plan.run_dir):
         ckpt = exp.phase.load_checkpoint          # a MindFormers checkpoint by now (weights step)
         generator = Generator(plan.mindformers, ckpt)
         for prompt in exp.phase.predict_data:
