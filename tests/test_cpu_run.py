@@ -87,3 +87,28 @@ def test_a_second_identical_run_reuses_the_compile_cache_and_a_changed_one_compi
     assert changed["compile_cache"]["use"] == "compiled and cached"
     assert changed["compile_cache"]["dir"] != cold["compile_cache"]["dir"]
     assert "Use the compilation cache" not in runs[0].stderr + runs[2].stderr
+
+
+def test_a_run_process_does_without_pytorch_unless_asked():
+    """MindFormers' tensorboardX imports torch when installed (3 s of every start here); a run process keeps it
+    out, as if not installed, so that the libraries that check for it (datasets, scipy) carry on without it."""
+    pytest.importorskip("torch")            # installed with the test extra: the case this is about
+    probe = textwrap.dedent("""
+        import importlib.util, sys
+        from qwen15_exp.launch.local import skip_pytorch_import
+        skip_pytorch_import()
+        import mindformers, scipy.stats, tensorboardX                 # noqa: F401
+        print(importlib.util.find_spec("torch") is None, "torch" in sys.modules)
+        try:
+            import torch                                               # noqa: F401
+            print("imported")
+        except ModuleNotFoundError:
+            print("kept out")
+    """)
+    import os
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-4:] == ["True", "False", "kept", "out"], r.stdout    # after MindFormers' warnings
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "QWEN15_EXP_IMPORT_TORCH": "1"})
+    assert r.returncode == 0 and r.stdout.split()[-3:] == ["False", "True", "imported"], r.stdout + r.stderr[-2000:]
