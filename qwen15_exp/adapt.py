@@ -89,8 +89,8 @@ def adapt(exp) -> Adapted:
             model_class = CPU_MODEL_CLASS
         loss_scale = _loss_scale(ph.loss_scale, precision["compute"] == "float32", notes)
         if not sup.npu_overflow_status:
-            notes.append(f"runner_wrapper: MFTrainOneStepCell -> {CPU_TRAIN_STEP_WRAPPER} (its overflow check uses "
-                         "IsFinite; NPUGetFloatStatusV2 has no CPU kernel)")
+            notes.append(f"runner_wrapper: MFTrainOneStepCell -> {CPU_TRAIN_STEP_WRAPPER} (its overflow check has a "
+                         "CPU kernel, NPUGetFloatStatusV2 none; it and the clipping norm are dot products here)")
             wrapper = CPU_TRAIN_STEP_WRAPPER
         if optimizer == "AdamW" and not sup.fused_adamw:
             notes.append(f"optimizer: AdamW -> {CPU_OPTIMIZER} (the same update through MindSpore's fused "
