@@ -5,9 +5,9 @@
   into the 910A branch and emits NPUGetFloatStatusV2, which has no CPU kernel. The infnan-mode helper works
   (IsFinite, ReduceAll per gradient) but MindSpore's CPU ReduceAll and whole-tensor ReduceSum run on one
   thread: on the tiny model the check (35 ms) and the clipping norm (48 ms) were 40 % of a step. Here both
-  take each gradient's sum of squares as a dot product (a MatMul, 7 ms for the embedding), and a step
-  overflows when that sum is not finite: an inf or nan anywhere, or a norm past fp32's range, which the
-  original would have clipped to a zero update. A written mindformers.yaml for hardware=cpu names this
+  take each gradient's sum of squares as a dot product (one multi-threaded MatMul, 2 ms for the embedding),
+  and a step overflows when that sum is not finite: an inf or nan anywhere, or a norm past fp32's range,
+  which the original would have clipped to a zero update. A written mindformers.yaml for hardware=cpu names this
   wrapper, so whoever runs that YAML with MindFormers alone imports this module first (run_mindformer.py:
   --register_path).
 - CPULlamaForCausalLM: LlamaForCausalLM whose training loss is one LogSoftmax kernel and a gather. MindFormers'
@@ -156,8 +156,13 @@ class CPUAdamW(MindFormersAdamW):
     decay' = weight_decay * c1 / sqrt(c2) make that exactly AdamW's
     w * (1 - lr * weight_decay) - lr / c1 * m / (sqrt(v / c2) + eps)."""
 
-    def __init__(self, params, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **unused):
-        super().__init__(params, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+    def __init__(self, params, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, swap=False,
+                 use_fused=False, amsgrad=False, maximize=False):
+        if amsgrad or maximize:             # use_fused: this is the fused one
+            raise ValueError("CPUAdamW computes AdamW's plain update; amsgrad and maximize need MindFormers' "
+                             "fused AdamW (optimizer.use_fused, Ascend only)")
+        super().__init__(params, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
+                         swap=swap)
         self.kernel = P.AdamWeightDecay()
         self.pow, self.sqrt = P.Pow(), P.Sqrt()
 

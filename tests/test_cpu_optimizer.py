@@ -60,3 +60,36 @@ def test_cpu_adamw_updates_as_pytorch_adamw():
     diff = max(float(np.abs(p.detach().numpy() - w).max()) for p, w in zip(params, ours))
     print(f"CHECK CPUAdamW vs torch.optim.AdamW: weights {diff:.2e}")
     assert diff <= 2e-6
+
+
+def test_cpu_train_step_clips_by_the_global_norm_and_skips_a_step_with_a_nan():
+    """The CPU train step's dot-product norm is the gradient's global norm, and a non-finite gradient is an
+    overflow: that step leaves the weights as they were (MindFormers' IsFinite check did the same)."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+    from qwen15_exp.mindformers_ext import CPUAdamW, CPUTrainOneStepCell
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+    class SquareLoss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Dense(8, 4, has_bias=False)
+
+        def construct(self, x):
+            return (self.dense(x) ** 2).mean()
+
+    net = SquareLoss()
+    w0 = net.dense.weight.asnumpy().copy()
+    step = CPUTrainOneStepCell(net, CPUAdamW(net.trainable_params(), learning_rate=LR), use_clip_grad=True,
+                               max_grad_norm=1.0, scale_sense=1.0)
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32) * 10
+    y = x @ w0.T
+    expected_norm = np.linalg.norm((2 * y / y.size).T @ x)
+    _, overflow, _, _, norm = step(Tensor(x))
+    w1 = net.dense.weight.asnumpy().copy()
+    print(f"CHECK CPU train step: global norm {float(norm.asnumpy()[0]):.5f} vs numpy {expected_norm:.5f}")
+    assert not bool(overflow.asnumpy()) and float(norm.asnumpy()[0]) == pytest.approx(expected_norm, rel=1e-5)
+    assert np.abs(w1 - w0).max() == pytest.approx(LR, rel=1e-3)        # Adam's first step moves each weight by lr
+    x[0, 0] = np.nan
+    _, overflow, *_ = step(Tensor(x))
+    assert bool(overflow.asnumpy()) and np.array_equal(net.dense.weight.asnumpy(), w1)
