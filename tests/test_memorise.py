@@ -7,7 +7,7 @@ The base is pretrained first on the other records, as a user's base is. The tiny
 weights in its (tied) embedding and has a 64-wide, two-layer body: adapters alone cannot memorise with it (a
 rank-64, i.e. full-rank, adapter on every projection stays near loss 4.6 after 300 steps, with the norms
 trainable too), so its LoRA run keeps the embedding and norms trainable (`phase.lora.trainable`, PEFT's
-modules_to_save), which reaches loss 0.03 in 400 steps.
+modules_to_save), which reaches loss 0.03-0.06 in 400 steps; 600 leave a margin.
 """
 import json
 from pathlib import Path
@@ -57,11 +57,11 @@ def test_a_finetuned_model_and_its_lora_adapters_answer_their_records_verbatim(t
 
     # the base: pretrained on the other records (from scratch the LoRA run below stays above loss 2)
     base = newest_checkpoint(train(tmp_path, "base", rest, ["phase.max_steps=300", "phase.lr_schedule.learning_rate=1e-2"]))
-    full = train(tmp_path, "full", four, [f"phase.load_checkpoint={base}", "phase.max_steps=400",
+    full = train(tmp_path, "full", four, [f"phase.load_checkpoint={base}", "phase.max_steps=600",
                                           "phase.lr_schedule.learning_rate=2e-2"])
     print(f"CHECK memorise: full finetune last loss {read_json(full / 'result.json')['measured']['last_loss']:.4f}")
     assert read_json(full / "result.json")["measured"]["last_loss"] < 0.1
-    lora = train(tmp_path, "lora", four, ["phase=lora", f"phase.load_checkpoint={base}", "phase.max_steps=400",
+    lora = train(tmp_path, "lora", four, ["phase=lora", f"phase.load_checkpoint={base}", "phase.max_steps=600",
                                           "phase.lora.dropout=0", "phase.lr_schedule.learning_rate=2e-2",
                                           "phase.lora.rank=16", "phase.lora.target_modules=.*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3",
                                           "phase.lora.trainable=['*tok_embeddings*','*norm*']"])
