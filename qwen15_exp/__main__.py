@@ -59,8 +59,6 @@ def main() -> None:
     from qwen15_exp.layout_names import explain
     from qwen15_exp.resume import resume_argv
 
-    from qwen15_exp.console import quiet
-    quiet(sys.argv[1:])                   # before MindFormers is imported: its log stays in its files
     register()
     try:
         sys.argv[1:] = resume_argv(sys.argv[1:])

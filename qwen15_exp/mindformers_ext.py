@@ -7,9 +7,9 @@
   thread: on the tiny model the check (35 ms) and the clipping norm (48 ms) were 40 % of a step. Here both
   take each gradient's sum of squares as a dot product (one multi-threaded MatMul, 2 ms for the embedding),
   and a step overflows when that sum is not finite: an inf or nan anywhere, or a norm past fp32's range,
-  which the original would have clipped to a zero update. A written mindformers.yaml for hardware=cpu names this
-  wrapper, so whoever runs that YAML with MindFormers alone imports this module first (run_mindformer.py:
-  --register_path).
+  which the original would have clipped to a zero update. A written mindformers.yaml for hardware=cpu names
+  this wrapper, so whoever runs that YAML with MindFormers alone imports this module first
+  (run_mindformer.py: --register_path).
 - CPULlamaForCausalLM: LlamaForCausalLM whose training loss is one LogSoftmax kernel and a gather. MindFormers'
   CrossEntropyLoss is written for sharded vocabularies (ReduceMax, Sub, Exp, ReduceSum, Log, OneHot, Mul, each
   a kernel of its own); on the CPU, where no layout shards it, it took a third of the tiny model's step
@@ -67,11 +67,17 @@ def _square_sum_of(x):
     return P.Reshape()(_dot(flat, flat), (1,))
 
 
+def _gradients_square_sum(hyper_map, grads):
+    """sum of every gradient's squares: the clipping norm's and the overflow check's (the graph compiler's
+    common-subexpression pass computes it once for both)."""
+    return F.addn(hyper_map(_square_sum_by_dot, grads))
+
+
 class CPUClipGradNorm(ClipGradNorm):
     """MindFormers' ClipGradNorm with the squared norms taken as dot products (see the module's docstring)."""
 
     def construct(self, x):
-        global_norm = F.sqrt(F.addn(self.hyper_map(_square_sum_by_dot, x)))
+        global_norm = F.sqrt(_gradients_square_sum(self.hyper_map, x))
         global_norm_clip = F.select(self.greater_equal(global_norm, self.clip_norm), global_norm, self.clip_norm)
         return self.hyper_map(F.partial(apply_global_norm, self.clip_norm, global_norm_clip), x), global_norm
 
@@ -86,8 +92,7 @@ class CPUTrainOneStepCell(MFTrainOneStepCell):
         self.is_finite = P.IsFinite()
 
     def get_overflow_status(self, status, compute_output):
-        # the same sums of squares as the clipping's, which the graph compiler computes once for both
-        square_sum = F.addn(self.hyper_map(_square_sum_by_dot, compute_output))
+        square_sum = _gradients_square_sum(self.hyper_map, compute_output)
         flag = F.cast(F.logical_not(self.is_finite(square_sum)), ms.float32)
         if self.is_distributed:
             flag = self.allreduce(flag)
