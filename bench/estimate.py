@@ -20,11 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from job import scratch
 from qwen15_exp.compose import conf_dir, group_options, register, to_experiment
 from qwen15_exp.estimate.throughput import estimate_throughput
 
@@ -88,21 +87,21 @@ def show(title: str, rows, goal: tuple[float, float] | None = None) -> None:
 
 
 def cpu_sweep(steps: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="q15_cpu_sweep_"))
-    cmd = [sys.executable, "-m", "qwen15_exp", "-m", "model=tiny,mini", "parallel=single,dp2", "hardware=cpu",
-           f"phase.max_steps={steps}", f"hydra.sweep.dir={work}"]
-    print(f"\nCPU sweep (real runs): {' '.join(cmd[2:])}", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ})
-    errors = []
-    print(f"  {'job':<18}{'measured':>11}{'estimate':>11}{'ratio':>8}  tokens/s (whole job)")
-    for path in sorted(work.glob("*/result.json")):
-        r = json.loads(path.read_text())
-        meas, est = r["measured"]["tokens_per_s"], r["plan"]["throughput"]["tokens_per_s"]
-        errors.append(abs(est / meas - 1))
-        print(f"  {r['model'] + ' ' + r['parallel']:<18}{meas:>11,.0f}{est:>11,.0f}{est / meas:>8.2f}")
-    med = statistics.median(errors)
-    print(f"  median |estimate/measured - 1| = {100 * med:.1f} %, worst = {100 * max(errors):.1f} % "
-          f"(goal median <= 25 %: {'met' if med <= 0.25 else 'NOT met'}); report: {work / 'sweep_report.md'}")
+    with scratch("q15_cpu_sweep_") as work:
+        cmd = [sys.executable, "-m", "qwen15_exp", "-m", "model=tiny,mini", "parallel=single,dp2", "hardware=cpu",
+               f"phase.max_steps={steps}", f"hydra.sweep.dir={work}"]
+        print(f"\nCPU sweep (real runs): {' '.join(cmd[2:])}", flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ})
+        errors = []
+        print(f"  {'job':<18}{'measured':>11}{'estimate':>11}{'ratio':>8}  tokens/s (whole job)")
+        for path in sorted(work.glob("*/result.json")):
+            r = json.loads(path.read_text())
+            meas, est = r["measured"]["tokens_per_s"], r["plan"]["throughput"]["tokens_per_s"]
+            errors.append(abs(est / meas - 1))
+            print(f"  {r['model'] + ' ' + r['parallel']:<18}{meas:>11,.0f}{est:>11,.0f}{est / meas:>8.2f}")
+        med = statistics.median(errors)
+        print(f"  median |estimate/measured - 1| = {100 * med:.1f} %, worst = {100 * max(errors):.1f} % "
+              f"(goal median <= 25 %: {'met' if med <= 0.25 else 'NOT met'})")
 
 
 def main() -> None:

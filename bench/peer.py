@@ -17,11 +17,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
-from job import run_job
+from job import run_job, scratch
 
 # name -> (our overrides, the model's shape for transformers)
 MODELS = {
@@ -80,29 +79,29 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,50m")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="q15_peer_"))
-    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
-    rows = []
-    for model in args.models.split(","):
-        overrides, shape = MODELS[model]
-        ours(work, f"{model}_warmup", overrides, 3, env)         # data, calibration and compile cache, once
-        mine, theirs = [], []
-        for i in range(args.reps):
-            mine.append(ours(work, f"{model}_{i}", overrides, args.steps, env))
-            theirs.append(peer(shape, args.steps, args.threads))
-            print(f"{model} rep {i}: qwen15_exp {SEQ * BATCH / mine[-1]['step_s']:.0f} tokens/s, "
-                  f"PyTorch {SEQ * BATCH / theirs[-1]['step_s']:.0f} tokens/s", flush=True)
-        ours_tps = SEQ * BATCH / statistics.median(r["step_s"] for r in mine)
-        peer_tps = SEQ * BATCH / statistics.median(r["step_s"] for r in theirs)
-        rows.append((model, mine[0]["params"], theirs[0]["params"], ours_tps, peer_tps))
+    with scratch("q15_peer_") as work:
+        env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+        rows = []
+        for model in args.models.split(","):
+            overrides, shape = MODELS[model]
+            ours(work, f"{model}_warmup", overrides, 3, env)         # data, calibration and compile cache, once
+            mine, theirs = [], []
+            for i in range(args.reps):
+                mine.append(ours(work, f"{model}_{i}", overrides, args.steps, env))
+                theirs.append(peer(shape, args.steps, args.threads))
+                print(f"{model} rep {i}: qwen15_exp {SEQ * BATCH / mine[-1]['step_s']:.0f} tokens/s, "
+                      f"PyTorch {SEQ * BATCH / theirs[-1]['step_s']:.0f} tokens/s", flush=True)
+            ours_tps = SEQ * BATCH / statistics.median(r["step_s"] for r in mine)
+            peer_tps = SEQ * BATCH / statistics.median(r["step_s"] for r in theirs)
+            rows.append((model, mine[0]["params"], theirs[0]["params"], ours_tps, peer_tps))
 
-    print(f"\nbench/peer: batch {BATCH} x seq {SEQ}, fp32, {args.threads} threads, {args.steps} steps, "
-          f"median of {args.reps} runs each")
-    print(f"{'model':<6}{'params (ours/peer)':>22}{'qwen15_exp tok/s':>18}{'PyTorch tok/s':>15}{'ratio':>8}")
-    for model, p_ours, p_peer, a, b in rows:
-        print(f"{model:<6}{f'{p_ours / 1e6:.1f}M / {p_peer / 1e6:.1f}M':>22}{a:>18.0f}{b:>15.0f}{a / b:>8.2f}")
-    worst = min(a / b for *_, a, b in rows)
-    print(f"goal: ours >= 1.0x the peer -> {'met' if worst >= 1.0 else 'NOT met'} (worst {worst:.2f}x)")
+        print(f"\nbench/peer: batch {BATCH} x seq {SEQ}, fp32, {args.threads} threads, {args.steps} steps, "
+              f"median of {args.reps} runs each")
+        print(f"{'model':<6}{'params (ours/peer)':>22}{'qwen15_exp tok/s':>18}{'PyTorch tok/s':>15}{'ratio':>8}")
+        for model, p_ours, p_peer, a, b in rows:
+            print(f"{model:<6}{f'{p_ours / 1e6:.1f}M / {p_peer / 1e6:.1f}M':>22}{a:>18.0f}{b:>15.0f}{a / b:>8.2f}")
+        worst = min(a / b for *_, a, b in rows)
+        print(f"goal: ours >= 1.0x the peer -> {'met' if worst >= 1.0 else 'NOT met'} (worst {worst:.2f}x)")
 
 
 if __name__ == "__main__":

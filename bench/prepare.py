@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from job import scratch
 
 
 def real_words() -> list[str]:
@@ -107,41 +107,40 @@ def main() -> None:
     ap.add_argument("--seed-mb", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="q15_prepare_"))
-    src = work / "wiki.train.tokens"
-    print(f"generating {args.mb:.0f} MB of Wikitext-format text in {src}", flush=True)
-    generate(src, args.mb)
-    paragraphs = paragraphs_of(src)
-    runs, limits = [], []
-    for i in range(args.reps):                         # alternate: this 2-core machine is noisy
-        runs.append(run_prepare(src, work / f"mindrecord{i}"))
-        limits.append(limit_rate(paragraphs))
-    wall = statistics.median(r[0] for r in runs)
-    summary = runs[0][1]
-    peak_mb = max(r[2] for r in runs)
-    tokens = summary["tokens"] + summary.get("dropped_tail", 0)
-    prepare_tps = tokens / statistics.median(r[1]["seconds"] for r in runs)   # prepare(): tokenizer load
-    wall_tps = tokens / wall                                                  # to committed file; and the
-    lim_tps = statistics.median(x[0] for x in limits)                         # whole command
-    lim_tokens = limits[0][1]
-    del paragraphs[200000:]
-    seed_tps = seed_rate(paragraphs, args.seed_mb)
-    size_mb = src.stat().st_size / 1e6
-    print(f"\nbench/prepare: {size_mb:.0f} MB Wikitext-format text, {lim_tokens:,} tokens, seq_length 4096, "
-          f"{summary['rows']} rows written; median of {args.reps} alternating runs")
-    print(f"{'path':<58}{'tokens/s':>12}{'ratio':>9}")
-    print(f"{'prepare: clean+tokenize+window+MindRecord (in-process)':<58}{prepare_tps:>12,.0f}{1:>9.2f}")
-    print(f"{'  the same, whole command incl. interpreter and imports':<58}{wall_tps:>12,.0f}"
-          f"{wall_tps / prepare_tps:>9.2f}")
-    print(f"{'limit: tokenizers encode_batch_fast, same paragraphs':<58}{lim_tps:>12,.0f}"
-          f"{prepare_tps / lim_tps:>9.2f}")
-    print(f"{'seed: transformers Qwen2Tokenizer per paragraph':<58}{seed_tps:>12,.0f}{prepare_tps / seed_tps:>9.1f}")
-    print(f"peak memory of prepare: {peak_mb:,.0f} MB for a {size_mb:.0f} MB input")
-    print(f"whole command vs limit: {wall_tps / lim_tps:.2f}x (fixed start-up of ~3 s: MindSpore's import)")
-    print(f"goals: >= 0.7x limit -> {'met' if prepare_tps >= 0.7 * lim_tps else 'NOT met'}; "
-          f">= 10x seed -> {'met' if prepare_tps >= 10 * seed_tps else 'NOT met'}; "
-          f"peak < 1 GB -> {'met' if peak_mb < 1024 else 'NOT met'}")
-    os.system(f"rm -rf {work}")
+    with scratch("q15_prepare_") as work:
+        src = work / "wiki.train.tokens"
+        print(f"generating {args.mb:.0f} MB of Wikitext-format text in {src}", flush=True)
+        generate(src, args.mb)
+        paragraphs = paragraphs_of(src)
+        runs, limits = [], []
+        for i in range(args.reps):                         # alternate: this 2-core machine is noisy
+            runs.append(run_prepare(src, work / f"mindrecord{i}"))
+            limits.append(limit_rate(paragraphs))
+        wall = statistics.median(r[0] for r in runs)
+        summary = runs[0][1]
+        peak_mb = max(r[2] for r in runs)
+        tokens = summary["tokens"] + summary.get("dropped_tail", 0)
+        prepare_tps = tokens / statistics.median(r[1]["seconds"] for r in runs)   # prepare(): tokenizer load
+        wall_tps = tokens / wall                                                  # to committed file; and the
+        lim_tps = statistics.median(x[0] for x in limits)                         # whole command
+        lim_tokens = limits[0][1]
+        del paragraphs[200000:]
+        seed_tps = seed_rate(paragraphs, args.seed_mb)
+        size_mb = src.stat().st_size / 1e6
+        print(f"\nbench/prepare: {size_mb:.0f} MB Wikitext-format text, {lim_tokens:,} tokens, seq_length 4096, "
+              f"{summary['rows']} rows written; median of {args.reps} alternating runs")
+        print(f"{'path':<58}{'tokens/s':>12}{'ratio':>9}")
+        print(f"{'prepare: clean+tokenize+window+MindRecord (in-process)':<58}{prepare_tps:>12,.0f}{1:>9.2f}")
+        print(f"{'  the same, whole command incl. interpreter and imports':<58}{wall_tps:>12,.0f}"
+              f"{wall_tps / prepare_tps:>9.2f}")
+        print(f"{'limit: tokenizers encode_batch_fast, same paragraphs':<58}{lim_tps:>12,.0f}"
+              f"{prepare_tps / lim_tps:>9.2f}")
+        print(f"{'seed: transformers Qwen2Tokenizer per paragraph':<58}{seed_tps:>12,.0f}{prepare_tps / seed_tps:>9.1f}")
+        print(f"peak memory of prepare: {peak_mb:,.0f} MB for a {size_mb:.0f} MB input")
+        print(f"whole command vs limit: {wall_tps / lim_tps:.2f}x (fixed start-up of ~3 s: MindSpore's import)")
+        print(f"goals: >= 0.7x limit -> {'met' if prepare_tps >= 0.7 * lim_tps else 'NOT met'}; "
+              f">= 10x seed -> {'met' if prepare_tps >= 10 * seed_tps else 'NOT met'}; "
+              f"peak < 1 GB -> {'met' if peak_mb < 1024 else 'NOT met'}")
 
 
 if __name__ == "__main__":

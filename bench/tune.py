@@ -14,40 +14,41 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+from job import scratch
 from qwen15_exp.report import collect, spearman
 
 
 def search_time() -> None:
-    args = ["+experiment=recipe/finetune_72b", "hardware=atlas_900_a2_podc", "data.seq_length=8192", "tune.nodes=64",
-            "tune.global_batch=512", f"tune.config_dir={tempfile.mkdtemp(prefix='q15_tune_conf_')}"]
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "qwen15_exp.tune", *args], capture_output=True, text=True, check=True)
+    with scratch("q15_tune_conf_") as conf:
+        args = ["+experiment=recipe/finetune_72b", "hardware=atlas_900_a2_podc", "data.seq_length=8192",
+                "tune.nodes=64", "tune.global_batch=512", f"tune.config_dir={conf}"]
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "qwen15_exp.tune", *args], capture_output=True, text=True,
+                             check=True)
     wall = time.perf_counter() - t0
     searched = next(line for line in out.stdout.splitlines() if line.startswith("searched"))
     print(f"72B search, whole command: {wall:.2f} s (limit 10 s: {wall / 10:.2f}x of it)\n  {searched}")
 
 
 def measured_rank(steps: int) -> None:
-    outputs = Path(tempfile.mkdtemp(prefix="q15_tune_measure_"))
-    env = {**os.environ, "QWEN15_EXP_OUTPUTS": str(outputs)}
-    rows = []
-    for model in ("tiny", "mini"):
-        args = [f"model={model}", "hardware=cpu", "tune.devices=2", "tune.global_batch=8", "tune.top_k=3",
-                "tune.measure=true", f"tune.measure_steps={steps}", "phase.epochs=20",
-                f"tune.config_dir={outputs / 'conf'}"]
-        print(f"\npython -m qwen15_exp.tune {' '.join(args)}", flush=True)
-        out = subprocess.run([sys.executable, "-m", "qwen15_exp.tune", *args], capture_output=True, text=True, env=env)
-        print(out.stdout[out.stdout.find("measuring"):] if "measuring" in out.stdout else out.stdout + out.stderr)
-    for sweep in sorted((outputs / "tune").glob("*/*")):
-        rows += [r for r in collect(sweep) if r["measured"] and r["estimated"]]
-    rho = spearman([r["estimated"] for r in rows], [r["measured"] for r in rows])
-    rho = rho if rho is None else round(rho, 9)          # 0.8 computed as 0.7999999999 is 0.8
-    print(f"\nSpearman rank correlation, estimated vs measured tokens/s/p over {len(rows)} measured jobs: "
-          f"{rho if rho is None else round(rho, 2)} (goal >= 0.8: {'met' if rho and rho >= 0.8 else 'NOT met'})")
+    with scratch("q15_tune_measure_") as outputs:
+        env = {**os.environ, "QWEN15_EXP_OUTPUTS": str(outputs)}
+        rows = []
+        for model in ("tiny", "mini"):
+            args = [f"model={model}", "hardware=cpu", "tune.devices=2", "tune.global_batch=8", "tune.top_k=3",
+                    "tune.measure=true", f"tune.measure_steps={steps}", "phase.epochs=20",
+                    f"tune.config_dir={outputs / 'conf'}"]
+            print(f"\npython -m qwen15_exp.tune {' '.join(args)}", flush=True)
+            out = subprocess.run([sys.executable, "-m", "qwen15_exp.tune", *args], capture_output=True, text=True, env=env)
+            print(out.stdout[out.stdout.find("measuring"):] if "measuring" in out.stdout else out.stdout + out.stderr)
+        for sweep in sorted((outputs / "tune").glob("*/*")):
+            rows += [r for r in collect(sweep) if r["measured"] and r["estimated"]]
+        rho = spearman([r["estimated"] for r in rows], [r["measured"] for r in rows])
+        rho = rho if rho is None else round(rho, 9)          # 0.8 computed as 0.7999999999 is 0.8
+        print(f"\nSpearman rank correlation, estimated vs measured tokens/s/p over {len(rows)} measured jobs: "
+              f"{rho if rho is None else round(rho, 2)} (goal >= 0.8: {'met' if rho and rho >= 0.8 else 'NOT met'})")
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
+import time
 from pathlib import Path
 
 from qwen15_exp.paths import cache_root
@@ -80,3 +82,31 @@ def reuse_word(before: dict[str, float], after: dict[str, float]) -> str:
     if before and all(after.get(p) == t for p, t in before.items()):
         return "reused"
     return "compiled and cached"
+
+
+IN_USE_S = 3600.0        # a folder used this recently may belong to a run still going: never pruned
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prune(keep: Path | str, max_bytes: float, now: float | None = None) -> list[Path]:
+    """Mark `keep` used (its mtime), then remove the least recently used folders beside it until the rest fit in
+    max_bytes; folders used within IN_USE_S stay whatever their size. The removed folders, oldest first."""
+    keep = Path(keep)
+    keep.mkdir(parents=True, exist_ok=True)
+    keep.touch()
+    now = time.time() if now is None else now
+    folders = sorted((p for p in keep.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    sizes = {p: folder_bytes(p) for p in folders}
+    total, removed = sum(sizes.values()), []
+    for folder in folders:
+        if total <= max_bytes:
+            break
+        if folder == keep or now - folder.stat().st_mtime < IN_USE_S:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= sizes[folder]
+        removed.append(folder)
+    return removed

@@ -297,6 +297,7 @@ class LaunchConfig:
     node_rank: Optional[int] = None       # set on a cluster node to run that node's share
     rank_table: str = ""                  # an HCCL rank table (hccl.json): per-device processes instead of msrun
     compile_cache: bool = True            # MindSpore's graph compile cache, keyed by the graph (compile_cache.py)
+    compile_cache_max_gb: float = 2.0     # this machine's shared cache folders beyond it go, least recently used first
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
 

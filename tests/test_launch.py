@@ -216,3 +216,20 @@ def test_the_compile_cache_key_follows_our_own_graph_code(monkeypatch):
     before = compile_cache.cache_key({"x": 1}, ".", {}, {})
     monkeypatch.setattr(compile_cache, "own_graph_code", lambda: "changed")
     assert compile_cache.cache_key({"x": 1}, ".", {}, {}) != before
+
+
+def test_the_shared_compile_cache_stays_under_its_size_least_recently_used_going_first(tmp_path):
+    import os
+    from qwen15_exp.compile_cache import IN_USE_S, prune
+    now = 1_000_000.0
+    for age_h, name in ((5, "old"), (3, "older_used"), (2, "recent"), (0.1, "running")):
+        folder = tmp_path / name / "rank_0" / "graph_cache"
+        folder.mkdir(parents=True)
+        (folder / "g.mindir").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (now - age_h * 3600, now - age_h * 3600))
+    os.utime(tmp_path / "older_used", (now - 6 * 3600, now - 6 * 3600))   # used least recently of all
+    removed = prune(tmp_path / "new", max_bytes=2500, now=now)
+    assert [p.name for p in removed] == ["older_used", "old"]               # oldest use first, until 2 x 1000 left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "recent", "running"]
+    # over the size with only folders in use or this run's: nothing more goes
+    assert prune(tmp_path / "new", max_bytes=0, now=(tmp_path / "recent").stat().st_mtime + IN_USE_S / 2) == []
