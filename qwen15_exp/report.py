@@ -56,6 +56,7 @@ def row_of(job: str, result: dict) -> dict:
         # the curves for the plot (not columns)
         "_loss_curve": list(zip(measured.get("step_numbers") or [], measured.get("loss") or [])),
         "_eval_curve": [(e["step"], e["loss"]) for e in evals],
+        "_rank_resolution": est.get("rank_resolution") or 0.0,
         "failure_class": result.get("failure_class") or ("killed" if result.get("status") == "killed" else None),
         "reason": result.get("reason") or (first_line(result.get("error", "")) or None),
     }
@@ -80,8 +81,27 @@ def accuracy(rows: list[dict], key: str) -> dict | None:
     return {"n": len(errors), "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors)}
 
 
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation (scipy's); None below 3 pairs or without spread."""
+def resolved(values: list[float], resolution: float) -> list[float]:
+    """The values, in their order, with each run of them within `resolution` (a share) below the highest of
+    the run made equal to it: estimates the estimator cannot tell apart tie (a tie takes the mean rank)."""
+    out, top = list(values), None
+    for i in sorted(range(len(values)), key=lambda i: -values[i]):
+        if top is None or values[i] * (1 + resolution) < top:
+            top = values[i]
+        out[i] = top
+    return out
+
+
+def tied_ranks(values: list[float], resolution: float) -> list[str]:
+    """1 for the highest, ties written '2=' (they share the better rank)."""
+    values = resolved(values, resolution)
+    return [f"{1 + sum(w > v for w in values)}" + ("=" if values.count(v) > 1 else "") for v in values]
+
+
+def spearman(xs: list[float], ys: list[float], x_resolution: float = 0.0) -> float | None:
+    """Spearman's rank correlation (scipy's, ties at their mean rank), with xs closer than x_resolution tied;
+    None below 3 pairs or without spread."""
+    xs = resolved(xs, x_resolution)
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
     from scipy.stats import spearmanr
@@ -93,16 +113,23 @@ def ranking(rows: list[dict]) -> list[str]:
     measured = [r for r in rows if r["measured"] and r["estimated"]]
     if len(measured) < 2:
         return []
-    by_estimate = sorted(measured, key=lambda r: -r["estimated"])
+    resolution = rank_resolution(measured)
+    measured = sorted(measured, key=lambda r: -r["measured"])
+    estimated_rank = tied_ranks([r["estimated"] for r in measured], resolution)
     out = ["", "Ranked by measurement:", "", "| rank | estimated rank | job | parallel | measured | estimated |",
            "|---|---|---|---|---|---|"]
-    for i, r in enumerate(sorted(measured, key=lambda r: -r["measured"]), 1):
-        out.append(f"| {i} | {by_estimate.index(r) + 1} | {r['job']} | {r['parallel']} | {r['measured']} | "
-                   f"{r['estimated']} |")
-    rho = spearman([r["estimated"] for r in measured], [r["measured"] for r in measured])
+    for i, (r, est_rank) in enumerate(zip(measured, estimated_rank), 1):
+        out.append(f"| {i} | {est_rank} | {r['job']} | {r['parallel']} | {r['measured']} | {r['estimated']} |")
+    rho = spearman([r["estimated"] for r in measured], [r["measured"] for r in measured], resolution)
     if rho is not None:
-        out += ["", f"- Spearman rank correlation, estimated vs measured: {rho:.2f} over {len(measured)} jobs"]
+        out += ["", f"- Spearman rank correlation, estimated vs measured: {rho:.2f} over {len(measured)} jobs"
+                + (f" (estimates within {resolution:.0%} of each other tie: '=')" if resolution else "")]
     return out
+
+
+def rank_resolution(rows: list[dict]) -> float:
+    """The coarsest rank resolution of the rows' hardware: the share below which estimates are not ordered."""
+    return max((r.get("_rank_resolution") or 0.0 for r in rows), default=0.0)
 
 
 def markdown(rows: list[dict], title: str) -> str:

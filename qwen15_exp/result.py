@@ -106,7 +106,8 @@ def summary_text(result: dict) -> str:
         unit = "tokens/s/p" if est["kind"] == "train" else "tokens/s"
         figure = est["tokens_per_s_per_device"] if est["kind"] == "train" else est["tokens_per_s"]
         terms = "  ".join(f"{k} {v:.3g}s" for k, v in est["terms_s"].items() if v)
-        lines.append(f"  estimate {figure:,.0f} {unit}  ({terms})")
+        within = f" +-{est['uncertainty']:.0%}" if est.get("uncertainty") else " (uncertainty not known)"
+        lines.append(f"  estimate {figure:,.0f} {unit}{within}  ({terms})")
     ref = result.get("reference") or {}
     if ref.get("figure"):
         lines.append(f"  published {ref['figure']:,} {ref['unit']} on {ref['table']}")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import estimate_memory, kv_heads, layer_params, stage_layers
-from qwen15_exp.estimate.throughput import estimate_train
+from qwen15_exp.estimate.throughput import constants, estimate_train
 from qwen15_exp.layout import layout_name, layout_of, npus_present
+from qwen15_exp.report import tied_ranks
 from qwen15_exp.validate import divisors
 
 RECOMPUTE = {"none": (False, False), "selective": (False, True), "full": (True, False)}
@@ -196,6 +197,8 @@ class TuneResult:
     rejected: Counter
     kept: list                      # Scored, fastest first
     seconds: float
+    uncertainty: float = 0.0        # +- share of every throughput estimate (the hardware's)
+    rank_resolution: float = 0.0    # estimates closer than this share rank equal
 
     @property
     def best(self) -> list:
@@ -227,7 +230,9 @@ def tune(exp, devices: int, global_batch: int) -> TuneResult:
         else:
             kept.append(scored)
     kept.sort(key=lambda s: -s.tokens_per_s)
-    return TuneResult(devices, global_batch, searched, rejected, kept, time.perf_counter() - t0)
+    c = constants(exp)
+    return TuneResult(devices, global_batch, searched, rejected, kept, time.perf_counter() - t0,
+                      c.get("throughput_uncertainty", 0.0), c.get("rank_resolution", 0.0))
 
 
 def budget_devices(exp, devices: int | None, nodes: int | None) -> int:
@@ -257,11 +262,15 @@ def describe(c: Candidate) -> str:
 
 
 def table(result: TuneResult, top_k: int, base_args: list[str]) -> str:
-    lines = [f"  {'#':>2}  {'layout':<34}{'memory/device':>18}{'tokens/s/p':>12}  limited by (then the command)"]
-    for i, s in enumerate(result.best[:top_k], 1):
+    shown = result.best[:top_k]
+    ranks = tied_ranks([s.tokens_per_s_per_device for s in shown], result.rank_resolution)
+    width = max([34] + [len(describe(s.candidate)) + 2 for s in shown])
+    lines = [f"  {'#':>3}  {'layout':<{width}}{'memory/device':>15}{'tokens/s/p':>12}  limited by (then the command)"]
+    for rank, s in zip(ranks, shown):
         mem = f"{s.memory_gb:.1f}/{s.budget_gb:.0f} GB" + ("!" if s.tight else " ")
         cmd = " ".join(["python -m qwen15_exp", *base_args, *s.candidate.command_args()])
-        lines.append(f"  {i:>2}  {describe(s.candidate):<34}{mem:>18}{s.tokens_per_s_per_device:>12,.0f}  {s.limit}")
+        lines.append(f"  {rank:>3}  {describe(s.candidate):<{width}}{mem:>15}{s.tokens_per_s_per_device:>12,.0f}  "
+                     f"{s.limit}")
         lines.append(f"      {cmd}")
     return "\n".join(lines)
 
@@ -340,6 +349,16 @@ def default_name(exp, devices: int) -> str:
     return f"{exp.phase.name}_{exp.model.name}_{hw}_{devices}d_s{exp.data.seq_length}"
 
 
+def uncertainty_note(result: TuneResult) -> str:
+    """What the tokens/s/p column can be trusted to: its error, and how close two layouts may be and still rank."""
+    parts = []
+    if result.uncertainty:
+        parts.append(f"tokens/s/p +-{result.uncertainty:.0%}")
+    if result.rank_resolution:
+        parts.append(f"layouts within {result.rank_resolution:.0%} of each other share a rank ('=')")
+    return f";\n{' ' * 2}" + ", ".join(parts) if parts else ""
+
+
 def summary(result: TuneResult) -> str:
     lines = [f"searched {result.searched:,} candidate settings in {result.seconds:.2f} s: kept {len(result.kept):,} "
              f"({len(result.best):,} distinct layouts), rejected {sum(result.rejected.values()):,}"]
@@ -408,7 +427,7 @@ def run(argv: list[str]) -> int:
                         "use a smaller global batch (tune.global_batch)")
     base_args = [a for a in argv if not a.startswith("tune.")]
     print(f"\nfastest {min(opts.top_k, len(result.best))} of {len(result.best)} layouts, each with its fastest "
-          "settings (memory '!': over budget, within the estimate's uncertainty):")
+          "settings (memory '!': over budget, within the estimate's uncertainty)" + uncertainty_note(result) + ":")
     print(table(result, opts.top_k, base_args))
     config_dir = Path(opts.config_dir).expanduser().resolve() if opts.config_dir else conf_dir()
     path = write_experiment(argv, exp, result, opts.top_k, name, config_dir)

@@ -38,6 +38,8 @@ class ThroughputEstimate:
     step_s: float
     terms_s: dict                   # the named terms of one step (train) or one token (predict)
     assumptions: str
+    uncertainty: float = 0.0        # +- share the figure may be off (the hardware's throughput_uncertainty)
+    rank_resolution: float = 0.0    # layouts whose estimates are closer than this share rank equal
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -216,6 +218,7 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         kind="train", tokens_per_s=tokens / step, tokens_per_s_per_device=tokens / step / n_dev, step_s=step,
         terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
                  "data_parallel_comm": exposed * dp, "memory_traffic": memory, "launch_overhead": overhead},
+        uncertainty=c.get("throughput_uncertainty", 0.0), rank_resolution=c.get("rank_resolution", 0.0),
         assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.3g} TFLOP/s "
                     f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}; model FLOPs "
                     f"utilisation {tokens / step / n_dev * train_flops_per_token(exp) / (peak * workers_sharing):.0%}")
@@ -246,6 +249,7 @@ def estimate_predict(exp, layout=None, prompt_tokens: int = 256, new_tokens: int
     return ThroughputEstimate(
         kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / L.devices, step_s=decode,
         terms_s={"decode_per_token": decode, "prefill": prefill, "weights_read_per_token": w_bytes / mem_bw},
+        uncertainty=c.get("predict_uncertainty", 0.0),
         assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, "
                     f"KV cache {'on' if adapted.use_past else f'off (every token recomputes {exp.data.seq_length} positions)'}, "
                     f"HBM {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
