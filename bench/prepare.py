@@ -6,7 +6,7 @@ weighted, with WikiText's ' @-@ ', ' , ' and ' . ' and = headings =), then measu
   - the limit: raw `tokenizers` batch encoding of the same cleaned paragraphs, nothing written;
   - the seed's approach: transformers' slow Python Qwen2Tokenizer, one paragraph at a time (on a slice,
     its rate extrapolated: it would take hours on the whole file).
-Goals: prepare >= 0.7x the limit, >= 10x the seed's approach, peak memory < 1 GB on a 500 MB input
+Goals: prepare >= 0.7x the limit (issue 13 raised it to 0.9x for the whole command, at 50 and 500 MB), >= 10x the seed's approach, peak memory < 1 GB on a 500 MB input
 (`--mb 500`; the default 50 MB keeps the run to a few minutes).
 
 Usage: python bench/prepare.py [--mb 50] [--seed-mb 0.5]
@@ -138,7 +138,8 @@ def main() -> None:
         print(f"{'seed: transformers Qwen2Tokenizer per paragraph':<58}{seed_tps:>12,.0f}{prepare_tps / seed_tps:>9.1f}")
         print(f"peak memory of prepare: {peak_mb:,.0f} MB for a {size_mb:.0f} MB input")
         print(f"whole command vs limit: {wall_tps / lim_tps:.2f}x (fixed start-up of ~3 s: MindSpore's import)")
-        print(f"goals: >= 0.7x limit -> {'met' if prepare_tps >= 0.7 * lim_tps else 'NOT met'}; "
+        print(f"goals: whole command >= 0.9x limit -> {'met' if wall_tps >= 0.9 * lim_tps else 'NOT met'}; "
+              f"in-process >= 0.7x limit -> {'met' if prepare_tps >= 0.7 * lim_tps else 'NOT met'}; "
               f">= 10x seed -> {'met' if prepare_tps >= 10 * seed_tps else 'NOT met'}; "
               f"peak < 1 GB -> {'met' if peak_mb < 1024 else 'NOT met'}")
 
