@@ -84,7 +84,9 @@ def reuse_word(before: dict[str, float], after: dict[str, float]) -> str:
     return "compiled and cached"
 
 
-IN_USE_S = 3600.0        # a folder used this recently may belong to a run still going: never pruned
+# A folder used (started from) this recently may belong to a run still compiling: never pruned. A run older than
+# that has compiled and loaded its graph; losing its folder costs the next identical run a compile, no more.
+IN_USE_S = 3600.0
 
 
 def folder_bytes(path: Path) -> int:
