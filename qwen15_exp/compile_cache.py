@@ -57,8 +57,18 @@ def cache_key(mindformers_cfg: dict, run_dir: Path | str, env: dict, versions: d
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def shared_root() -> Path:
+    """Where this machine's runs keep their compile cache folders, one per key."""
+    return cache_root() / "compile"
+
+
 def cache_dir(key: str) -> Path:
-    return cache_root() / "compile" / key
+    return shared_root() / key
+
+
+def is_shared(path: Path | str) -> bool:
+    """A folder of this machine's shared cache (not one beside a cluster run)."""
+    return Path(path).parent == shared_root()
 
 
 def cache_env(mindformers_cfg: dict, run_dir: Path | str, env: dict, executes_here: bool) -> dict:

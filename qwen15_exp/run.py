@@ -200,9 +200,9 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> 
     run_dir, train = Path(plan.run_dir), exp.phase.trains
     write_json(run_dir / "result.json", {**result, "status": "running", "pid": os.getpid()})
     launched = {}
-    from qwen15_exp.compile_cache import PATH, cached_graphs, prune, reuse_word
+    from qwen15_exp.compile_cache import PATH, cached_graphs, is_shared, prune, reuse_word
     cache = plan.env.get(PATH)
-    if cache and Path(cache).is_absolute():                    # the shared folders of this machine
+    if cache and is_shared(cache):
         prune(cache, exp.launch.compile_cache_max_gb * 2**30)
     graphs_before = cached_graphs(cache) if cache else {}
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import estimate_memory, kv_heads, layer_params, stage_layers
-from qwen15_exp.estimate.throughput import constants, estimate_train
+from qwen15_exp.estimate.throughput import estimate_train, stated_error
 from qwen15_exp.layout import layout_name, layout_of, npus_present
 from qwen15_exp.report import tied_ranks
 from qwen15_exp.validate import divisors
@@ -230,9 +230,7 @@ def tune(exp, devices: int, global_batch: int) -> TuneResult:
         else:
             kept.append(scored)
     kept.sort(key=lambda s: -s.tokens_per_s)
-    c = constants(exp)
-    return TuneResult(devices, global_batch, searched, rejected, kept, time.perf_counter() - t0,
-                      c.get("throughput_uncertainty", 0.0), c.get("rank_resolution", 0.0))
+    return TuneResult(devices, global_batch, searched, rejected, kept, time.perf_counter() - t0, *stated_error(exp))
 
 
 def budget_devices(exp, devices: int | None, nodes: int | None) -> int:

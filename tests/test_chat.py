@@ -56,18 +56,22 @@ def test_interactive_session_keeps_history_clears_and_stops():
     assert "history cleared" in text and session.history == [("third", "Hello there 你好")]
 
 
+def assert_quiet(r):
+    """MindFormers' and MindSpore's log stay in the run's files, off the terminal."""
+    terminal = r.stdout + r.stderr
+    assert " - mindformers" not in terminal and "[WARNING]" not in terminal and "INFO" not in terminal, terminal
+
+
 @pytest.mark.slow
 def test_chat_batch_and_predict_run_on_cpu(tmp_path):
     r = run_cli(["chat.mode=batch", "chat.questions=[hello,'你好']", "chat.seed=0"], tmp_path, module="qwen15_exp.chat")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("user> ") == 2 and "history 1 turns" in r.stdout
-    terminal = r.stdout + r.stderr                 # MindFormers' and MindSpore's log stay in the run's files
-    assert " - mindformers" not in terminal and "[WARNING]" not in terminal and "INFO" not in terminal, terminal
+    assert_quiet(r)
     (tmp_path / "p").mkdir()
     r = run_cli(["phase=predict", "phase.predict_data=[hello world]"], tmp_path / "p")
     assert r.returncode == 0, r.stderr[-2000:]
-    terminal = r.stdout + r.stderr
-    assert " - mindformers" not in terminal and "[WARNING]" not in terminal and "INFO" not in terminal, terminal
+    assert_quiet(r)
     assert r.stdout.startswith("qwen15_exp  ")    # the summary is all the terminal shows
     result = read_json(only_run_dir(tmp_path / "p") / "result.json")
     assert result["status"] == "ok" and len(result["generated"]) == 1

@@ -189,7 +189,7 @@ def yaml_of(run_dir):
 
 
 def test_the_compile_cache_key_follows_the_graph_not_the_paths(experiment, tmp_path):
-    from qwen15_exp.compile_cache import ENABLE, PATH, cache_key
+    from qwen15_exp.compile_cache import ENABLE, PATH, cache_key, is_shared
     from qwen15_exp.plan import make_plan
     from qwen15_exp.plan import Dataset
 
@@ -206,6 +206,7 @@ def test_the_compile_cache_key_follows_the_graph_not_the_paths(experiment, tmp_p
     assert cache_key({"x": 1}, ".", {}, {"mindspore": "2.9.0"}) != cache_key({"x": 1}, ".", {}, {"mindspore": "2.8.0"})
     plan = make_plan(experiment(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2"]), tmp_path / "p")
     assert plan.env[PATH] == "compile_cache"                                # beside the run on the cluster
+    assert is_shared(base) and not is_shared(plan.env[PATH])               # only the shared folders are pruned
     assert make_plan(experiment(["hardware=cpu", "launch.compile_cache=false"]), tmp_path / "a").env.get(ENABLE) is None
 
 

@@ -171,6 +171,13 @@ def constants(exp) -> dict:
     return dict(exp.hardware.estimate)
 
 
+def stated_error(exp) -> tuple[float, float]:
+    """(uncertainty, rank_resolution) of the hardware's training estimates: +- the share a figure may be off,
+    and the share below which two layouts' estimates are not ordered."""
+    c = exp.hardware.estimate
+    return c.get("throughput_uncertainty", 0.0), c.get("rank_resolution", 0.0)
+
+
 def estimate_train(exp, layout=None) -> ThroughputEstimate:
     hw, m, c, L = exp.hardware, exp.model, constants(exp), layout or layout_of(exp)
     dtype = adapt(exp).precision
@@ -214,11 +221,12 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         hw.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0))
     overhead = micro_batches * slowest.launch + c.get("step_overhead_ms", 0.0) / 1000
     step = compute + bubble + exposed * (tp + dp) + memory + overhead
+    uncertainty, rank_resolution = stated_error(exp)
     return ThroughputEstimate(
         kind="train", tokens_per_s=tokens / step, tokens_per_s_per_device=tokens / step / n_dev, step_s=step,
         terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
                  "data_parallel_comm": exposed * dp, "memory_traffic": memory, "launch_overhead": overhead},
-        uncertainty=c.get("throughput_uncertainty", 0.0), rank_resolution=c.get("rank_resolution", 0.0),
+        uncertainty=uncertainty, rank_resolution=rank_resolution,
         assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.3g} TFLOP/s "
                     f"({dtype['compute']}) x compute_efficiency {c['compute_efficiency']}; model FLOPs "
                     f"utilisation {tokens / step / n_dev * train_flops_per_token(exp) / (peak * workers_sharing):.0%}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,6 @@ def skip_pytorch_import() -> None:
     whenever it is installed, only to recognise torch tensors (it does without); nothing else here uses it, and
     the import took 3 of the 5.5 s MindFormers' own import takes on this machine (every run's start). Set
     QWEN15_EXP_IMPORT_TORCH=1 when a callback of yours needs torch in the run's process."""
-    import sys
     if "torch" in sys.modules or os.environ.get(ALLOW_PYTORCH_ENV) == "1":
         return
     sys.meta_path[:] = [f if isinstance(f, _FinderWithoutTorch) else _FinderWithoutTorch(f) for f in sys.meta_path]
