@@ -86,6 +86,13 @@ def choose_launcher(exp, n_devices: int, n_nodes: int) -> tuple[str, bool, str]:
                            "(no /dev/davinci*): the run is planned and its files written; nothing was executed")
 
 
+def micro_batch_samples(exp) -> int:
+    """Samples one device passes through the network per micro-batch: phase.batch_size, times
+    micro_batch_interleave_num, whose MicroBatchInterleaved wrapper takes that many batches and runs their
+    halves interleaved (MindFormers multiplies the global batch by it too)."""
+    return exp.phase.batch_size * exp.parallel.micro_batch_interleave_num
+
+
 def layout_of(exp) -> Layout:
     p, ph, hw = exp.parallel, exp.phase, exp.hardware
     dp, mp, pp, cp = degrees(p)
@@ -93,7 +100,7 @@ def layout_of(exp) -> Layout:
     per_node = max(1, hw.devices_per_node)
     n_nodes = p.nodes or max(1, -(-n_devices // per_node))
     accumulation = p.micro_batch_num if pp > 1 else ph.gradient_accumulation_steps
-    gb = ph.batch_size * dp * accumulation
+    gb = micro_batch_samples(exp) * dp * accumulation
     launcher, executes, why = choose_launcher(exp, n_devices, n_nodes)
     return Layout(data_parallel=dp, model_parallel=mp, pipeline_stage=pp, context_parallel=cp,
                   micro_batch_num=p.micro_batch_num, devices_per_node=hw.devices_per_node, nodes=n_nodes,

@@ -7,11 +7,13 @@ throughput estimate. Pure arithmetic (no MindSpore import): 72B over 64 nodes is
 The global batch stays what the job asks (tokens per step are the optimisation's, not the layout's): a
 layout only splits it into data-parallel ranks x micro-batches x micro-batch size. Searched: dp, mp (dividing
 the heads and KV heads, within a node), pp (with MindFormers' balanced split and a searched `offset` that
-evens out the embedding and lm_head), micro-batch count and size, gradient accumulation, recompute (none /
-selective / full), sequence parallel, the parallel optimizer and vocab_emb_dp.
+evens out the embedding and lm_head), micro-batch count and size (with micro_batch_interleave_num 1 or 2 under
+model parallel), gradient accumulation, recompute (none / selective / full), sequence parallel, the parallel
+optimizer and vocab_emb_dp.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 import time
@@ -41,6 +43,7 @@ class Candidate:
     parallel_optimizer: bool
     vocab_emb_dp: bool
     offset: tuple | int = 0
+    interleave: int = 1           # micro_batch_interleave_num: batch_size x interleave samples per micro-batch
 
     @property
     def name(self) -> str:
@@ -55,6 +58,7 @@ class Candidate:
             "parallel.micro_batch_num": self.accumulation if self.pp > 1 else 1,
             "phase.gradient_accumulation_steps": 1 if self.pp > 1 else self.accumulation,
             "phase.batch_size": self.batch_size,
+            "parallel.micro_batch_interleave_num": self.interleave,
             "phase.recompute.recompute": full, "phase.recompute.select_recompute": select,
             "parallel.use_seq_parallel": self.seq_parallel,
             "parallel.enable_parallel_optimizer": self.parallel_optimizer,
@@ -140,8 +144,8 @@ def search_space(exp, devices: int, global_batch: int):
             offsets = {0}
             if pp > 1:
                 offsets.add(balanced_offset(m.num_layers, pp, head_layers(m)))
-            for batch_size in divisors(global_batch // dp):
-                accumulation = global_batch // dp // batch_size
+            for samples in divisors(global_batch // dp):        # per micro-batch and data-parallel rank
+                accumulation = global_batch // dp // samples
                 if pp == 1 and accumulation > 1 and not can_pipeline:
                     yield None, "gradient accumulation needs semi-auto parallel, which this hardware lacks"
                     continue
@@ -151,13 +155,17 @@ def search_space(exp, devices: int, global_batch: int):
                 if mp > 1 and exp.data.seq_length % mp:
                     yield None, "sequence length not divisible by model_parallel"
                     continue
-                for recompute in RECOMPUTE:
+                # two interleaved halves of a micro-batch hide the model-parallel collectives of one behind
+                # the other's compute (MindFormers' advice when model_parallel > 1)
+                interleaves = (1, 2) if mp > 1 and samples % 2 == 0 else (1,)
+                for recompute, interleave in itertools.product(RECOMPUTE, interleaves):
+                    batch_size = samples // interleave
                     for sp in ((True, False) if mp > 1 else (False,)):
                         for po in ((True, False) if dp > 1 and can_pipeline else (False,)):
                             for vocab_dp in ((True, False) if mp > 1 else (exp.parallel.vocab_emb_dp,)):
                                 for offset in offsets:
                                     yield Candidate(dp, mp, pp, batch_size, accumulation, recompute, sp, po,
-                                                    vocab_dp, offset), None
+                                                    vocab_dp, offset, interleave), None
 
 
 @dataclass(frozen=True)
@@ -203,13 +211,13 @@ class TuneResult:
     @property
     def best(self) -> list:
         """The fastest variant of each layout (degrees, micro-batch split, and whether whole layers are
-        recomputed, which costs a third more compute), fastest first: the settings that barely change the
+        recomputed, which costs about a quarter more compute), fastest first: the settings that barely change the
         estimate (selective recompute, sequence parallel, parallel optimizer, vocab_emb_dp, offset) do not
         crowd the top k."""
         seen, out = set(), []
         for s in self.kept:
             c = s.candidate
-            key = (c.dp, c.mp, c.pp, c.batch_size, c.accumulation, c.recompute == "full")
+            key = (c.dp, c.mp, c.pp, c.batch_size * c.interleave, c.accumulation, c.recompute == "full")
             if key not in seen:
                 seen.add(key)
                 out.append(s)
@@ -246,6 +254,8 @@ def budget_devices(exp, devices: int | None, nodes: int | None) -> int:
 
 def describe(c: Candidate) -> str:
     parts = [c.name, f"b{c.batch_size}x{c.accumulation}"]
+    if c.interleave > 1:
+        parts.append(f"il{c.interleave}")
     if c.recompute != "none":
         parts.append(f"rc:{c.recompute}")
     if c.seq_parallel:

@@ -14,7 +14,7 @@ from qwen15_exp.validate import validate
 
 
 def split(c):
-    return c.dp, c.mp, c.pp, c.batch_size, c.accumulation
+    return c.dp, c.mp, c.pp, c.batch_size, c.accumulation, c.interleave
 
 
 def test_the_search_space_of_a_small_case_is_the_hand_enumeration():
@@ -22,15 +22,18 @@ def test_the_search_space_of_a_small_case_is_the_hand_enumeration():
     exp = make_experiment(["model=tiny", "hardware=atlas_800t_a2"])
     space = list(tune.search_space(exp, 4, 4))
     kept = [c for c, _ in space if c is not None]
-    # (dp, mp, pp, micro-batch size, micro-batches): mp divides the heads; pp <= 2 layers; a pipeline needs
-    # at least pp micro-batches; dp x batch x micro-batches = 4 samples
-    assert set(map(split, kept)) == {(4, 1, 1, 1, 1), (2, 1, 2, 1, 2), (2, 2, 1, 1, 2), (2, 2, 1, 2, 1),
-                                     (1, 2, 2, 1, 4), (1, 2, 2, 2, 2), (1, 4, 1, 1, 4), (1, 4, 1, 2, 2),
-                                     (1, 4, 1, 4, 1)}
+    # (dp, mp, pp, micro-batch size, micro-batches, interleave): mp divides the heads; pp <= 2 layers; a
+    # pipeline needs at least pp micro-batches; dp x batch x interleave x micro-batches = 4 samples; under
+    # model parallel an even micro-batch may also run as two interleaved halves
+    assert set(map(split, kept)) == {(4, 1, 1, 1, 1, 1), (2, 1, 2, 1, 2, 1), (2, 2, 1, 1, 2, 1),
+                                     (2, 2, 1, 2, 1, 1), (2, 2, 1, 1, 1, 2),
+                                     (1, 2, 2, 1, 4, 1), (1, 2, 2, 2, 2, 1), (1, 2, 2, 1, 2, 2),
+                                     (1, 4, 1, 1, 4, 1), (1, 4, 1, 2, 2, 1), (1, 4, 1, 1, 2, 2),
+                                     (1, 4, 1, 4, 1, 1), (1, 4, 1, 2, 1, 2)}
     # each layout x 3 recompute modes x sequence parallel (mp > 1) x parallel optimizer (dp > 1) x
     # vocab_emb_dp (mp > 1); the tied 64-wide tiny model's offset search finds nothing to move
     variants = Counter(map(split, kept))
-    for (dp, mp, pp, _, _), n in variants.items():
+    for (dp, mp, pp, _, _, _), n in variants.items():
         assert n == 3 * (2 if mp > 1 else 1) * (2 if dp > 1 else 1) * (2 if mp > 1 else 1)
     reasons = Counter(r for c, r in space if c is None)
     assert reasons == {"more pipeline stages than the model's 2 layers": 1,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from qwen15_exp.adapt import adapt
-from qwen15_exp.layout import layout_of
+from qwen15_exp.layout import layout_of, micro_batch_samples
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GB = 2**30
@@ -189,7 +189,7 @@ def activation_bytes(exp, layout, flash: bool, dtype_bytes: int, stage: int = 0)
     """Activations stage `stage` keeps: its layers x the micro-batches in flight there under 1F1B (pp - stage:
     the first stage holds pp of them), + the fp32 logits on the last stage."""
     m, p, ph, L = exp.model, exp.parallel, exp.phase, layout
-    s, b = exp.data.seq_length, ph.batch_size
+    s, b = exp.data.seq_length, micro_batch_samples(exp)
     t = L.model_parallel
     layers = stage_layers(m.num_layers, L.pipeline_stage, p.offset)[stage]
     full, selective = recompute_kind(ph.recompute)

@@ -5,7 +5,7 @@ Training, per optimizer step and device:
                FLOPs/token = 6 N_matmul + 6 L h s            (causal attention: half of 12 L h s;
                              LoRA: 4 N_matmul + 2 N_trainable, no weight gradients for frozen weights)
                              + 2 N_matmul + 2 L h s           (full recompute: one more forward)
-    bubble   = compute x (pp - 1) / micro_batch_num           (1F1B pipeline)
+    bubble   = one micro-batch through every stage but the slowest (1F1B fill and drain)
     tp_comm  = sequence-parallel all-gathers / reduce-scatters of s b h activations, 4 per layer forward and
                4 backward (+2 recomputed), ring (t-1)/t, over the intra-node link, x (1 - comm_overlap)
     dp_comm  = gradient reduction 2 (d-1)/d x gradient bytes, over the link the data-parallel group spans,
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from qwen15_exp.adapt import adapt
 from qwen15_exp.estimate.memory import (DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device,
                                        recompute_kind, stage_layers, total_params, trainable_params)
-from qwen15_exp.layout import layout_of
+from qwen15_exp.layout import layout_of, micro_batch_samples
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,24 @@ def train_flops_per_token(exp) -> float:
     n, attn = matmul_params(m), m.num_layers * m.hidden_size * s
     weight_grads = 2 * n if exp.phase.lora is None else 2 * min(n, trainable_params(m, exp.phase.lora))
     flops = 4 * n + weight_grads + 6 * attn
-    if recompute_kind(exp.phase.recompute)[0]:     # the decoder layers once more (not lm_head); selective
-        flops += 2 * m.num_layers * layer_params(m) + 2 * attn    # recompute redoes element-wise work only
+    if recompute_kind(exp.phase.recompute)[0]:     # the decoder layers' GEMMs backward reads once more (not
+        flops += 2 * m.num_layers * recomputed_gemm_params(m) + 2 * attn   # lm_head); selective: element-wise
     return flops
 
 
-def layer_gemms(m, t: int) -> list[tuple[int, int]]:
-    """(in, out) of each Linear of a decoder layer as one device holds it under model parallel t."""
+def layer_gemms(m, t: int) -> list[tuple[int, int, bool]]:
+    """(in, out, recomputed) of each Linear of a decoder layer as one device holds it under model parallel t.
+    A full recompute redoes only the forward GEMMs whose outputs the backward reads: wo's and w2's outputs
+    feed nothing but the residual adds, whose backward does not read them, so MindSpore's recompute pass
+    (which duplicates the nodes that backward nodes use) leaves them out."""
     h, f, kv = m.hidden_size, m.intermediate_size, kv_heads(m) * head_dim(m)
-    return [(h, h // t), (h, kv // t), (h, kv // t), (h // t, h),     # wq wk wv, wo
-            (h, f // t), (h, f // t), (f // t, h)]                    # w1 w3 (gate, up), w2 (down)
+    return [(h, h // t, True), (h, kv // t, True), (h, kv // t, True), (h // t, h, False),  # wq wk wv, wo
+            (h, f // t, True), (h, f // t, True), (f // t, h, False)]        # w1 w3 (gate, up), w2 (down)
+
+
+def recomputed_gemm_params(m) -> int:
+    """Weights of the GEMMs a full recompute runs again (see layer_gemms), per layer."""
+    return sum(k * n for k, n, again in layer_gemms(m, 1) if again)
 
 
 def gemm_flops_bytes(rows: int, k: int, n: int, act_bytes: int) -> tuple[float, float]:
@@ -105,16 +113,17 @@ def layer_and_head_work(exp, layout, c: dict, peak: float, act_bytes: int) -> tu
     """One micro-batch's forward and backward through one decoder layer, and through lm_head and the loss
     (the last stage's extra)."""
     m, ph, p = exp.model, exp.phase, exp.parallel
-    t, s, b = layout.model_parallel, exp.data.seq_length, ph.batch_size
+    t, s, b = layout.model_parallel, exp.data.seq_length, micro_batch_samples(exp)
     rows = s * b
     bandwidth = exp.hardware.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0)
     eff = c["compute_efficiency"]
     full, select = recompute_kind(ph.recompute)
     forwards = 2 if full else 1
     # backward: the activations' gradients (one GEMM per forward GEMM) and the weights' unless frozen (LoRA)
-    gemm_passes = forwards + (1 if ph.lora is not None else 2)
+    backward_passes = 1 if ph.lora is not None else 2
     layer_flops = layer_bytes = 0.0
-    for k, n in layer_gemms(m, t):
+    for k, n, again in layer_gemms(m, t):
+        gemm_passes = 1 + backward_passes + (1 if full and again else 0)
         f, by = gemm_flops_bytes(rows, k, n, act_bytes)
         layer_flops, layer_bytes = layer_flops + f * gemm_passes, layer_bytes + by * gemm_passes
     # causal attention: forward 2 b s^2 h / t FLOPs; a flash-attention backward recomputes the scores (2.5x
@@ -163,6 +172,14 @@ def optimizer_traffic_bytes(exp, layout) -> float:
     return params_per_device(exp, layout) * trainable_share / shard * bytes_per_param
 
 
+def tp_comm_hidden(parallel) -> bool:
+    """Whether the sequence-parallel collectives can hide behind compute. Each one sits between two GEMMs of
+    the same micro-batch (all-gather before q/k/v and gate/up, reduce-scatter after wo and down): nothing
+    else is ready to run while it moves, unless the layer is split in two that take turns
+    (fine_grain_interleave) or two half micro-batches are interleaved (micro_batch_interleave_num)."""
+    return parallel.fine_grain_interleave > 1 or parallel.micro_batch_interleave_num > 1
+
+
 def peak_flops(exp, compute_dtype: str) -> float:
     return exp.hardware.peak_tflops.get(compute_dtype, 0.0) * 1e12
 
@@ -189,15 +206,16 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
     act_bytes = DTYPE_BYTES[dtype["compute"]]
     # the workers of a CPU node share its memory bandwidth as they share its cores
     shared = dict(c, memory_efficiency=c.get("memory_efficiency", 1.0) / workers_sharing)
-    micro_batches = gb // (exp.phase.batch_size * L.data_parallel)
-    slowest = max(stage_works(exp, L, shared, peak, act_bytes), key=lambda w: w.seconds)
-    # 1F1B: every micro-batch passes the slowest stage; the pipeline fills and drains once a step, which
-    # idles pp - 1 slots of it
-    bubble = (L.pipeline_stage - 1) * slowest.seconds
+    micro_batches = gb // (micro_batch_samples(exp) * L.data_parallel)
+    stages = stage_works(exp, L, shared, peak, act_bytes)
+    slowest = max(stages, key=lambda w: w.seconds)
+    # 1F1B: every micro-batch passes the slowest stage; filling and draining the pipeline once a step adds one
+    # micro-batch's pass through each of the other stages
+    bubble = sum(w.seconds for w in stages) - slowest.seconds
     t = L.model_parallel
     tp = 0.0
     if t > 1:
-        per_micro = s * exp.phase.batch_size * m.hidden_size * act_bytes * (t - 1) / t
+        per_micro = s * micro_batch_samples(exp) * m.hidden_size * act_bytes * (t - 1) / t
         collectives = 8 + (2 if recompute_kind(exp.phase.recompute)[0] else 0)
         layers_here = max(stage_layers(m.num_layers, L.pipeline_stage, exp.parallel.offset))
         tp = collectives * per_micro * layers_here * micro_batches / (hw.intra_node_bandwidth_gbs * 1e9)
@@ -216,15 +234,16 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
         else:
             dp = 2 * ring * grad_bytes / (bw * 1e9)
     exposed = 1.0 - c.get("comm_overlap", 0.0)
+    tp_exposed = exposed if tp_comm_hidden(exp.parallel) else 1.0
     compute = micro_batches * slowest.matmul
     memory = micro_batches * slowest.memory + optimizer_traffic_bytes(exp, L) * workers_sharing / (
         hw.hbm_bandwidth_gbs * 1e9 * c.get("memory_efficiency", 1.0))
     overhead = micro_batches * slowest.launch + c.get("step_overhead_ms", 0.0) / 1000
-    step = compute + bubble + exposed * (tp + dp) + memory + overhead
+    step = compute + bubble + tp_exposed * tp + exposed * dp + memory + overhead
     uncertainty, rank_resolution = stated_error(exp)
     return ThroughputEstimate(
         kind="train", tokens_per_s=tokens / step, tokens_per_s_per_device=tokens / step / n_dev, step_s=step,
-        terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": exposed * tp,
+        terms_s={"compute": compute, "pipeline_bubble": bubble, "tensor_parallel_comm": tp_exposed * tp,
                  "data_parallel_comm": exposed * dp, "memory_traffic": memory, "launch_overhead": overhead},
         uncertainty=uncertainty, rank_resolution=rank_resolution,
         assumptions=f"global batch {gb} x seq {s}; peak {peak * workers_sharing / 1e12:.3g} TFLOP/s "
