@@ -67,6 +67,8 @@ def training_steps(exp, layout: Layout, rows: int) -> tuple[int, int | None, int
             f"the dataset has {rows} rows but one step needs a global batch of {gb} (batch_size="
             f"{exp.phase.batch_size} x data_parallel={layout.data_parallel}"
             + (f" x micro_batch_num={layout.micro_batch_num}" if layout.pipeline_stage > 1 else "")
+            + (f" x micro_batch_interleave_num={exp.parallel.micro_batch_interleave_num}"
+               if exp.parallel.micro_batch_interleave_num > 1 else "")
             + "); give more data or lower phase.batch_size")
     if exp.phase.max_steps:
         epochs = math.ceil(exp.phase.max_steps / per_epoch)

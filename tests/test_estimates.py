@@ -103,4 +103,19 @@ def test_training_estimate_accuracy_on_the_900_a2_podc_rows():
     """Constants calibrated on the three 800T A2 training rows; checked on the six 900 A2 PoDc rows."""
     errors = [abs(estimate_train(exp).tokens_per_s_per_device / exp.reference["figure"] - 1)
               for _, exp in published_rows("900_a2_podc")]
-    assert statistics.median(errors) <= 0.15 and max(errors) <= 0.25
+    assert statistics.median(errors) <= 0.10 and max(errors) <= 0.25       # issue 12's goal
+
+
+def test_tensor_parallel_traffic_hides_only_behind_an_interleaved_micro_batch():
+    # 72B pretrain (mp8pp8, no interleave): each sequence-parallel collective waits between two GEMMs of the
+    # same micro-batch, so all of it is on the step; two interleaved halves hide (comm_overlap) 0.9 of it
+    plain = estimate_train(make_experiment(["+experiment=recipe/pretrain_72b"]))
+    fine = estimate_train(make_experiment(["+experiment=recipe/pretrain_72b", "parallel.fine_grain_interleave=2"]))
+    assert fine.terms_s["tensor_parallel_comm"] == pytest.approx(0.1 * plain.terms_s["tensor_parallel_comm"])
+    assert fine.terms_s["compute"] == pytest.approx(plain.terms_s["compute"])
+    # micro_batch_interleave_num=2 hides it too, and the micro-batch (so the step) holds twice the samples, as
+    # MindFormers counts it: tokens/s/p barely move apart from the hidden traffic
+    halves = estimate_train(make_experiment(["+experiment=recipe/pretrain_72b", "parallel.micro_batch_interleave_num=2"]))
+    assert halves.terms_s["compute"] == pytest.approx(2 * plain.terms_s["compute"])
+    assert halves.terms_s["tensor_parallel_comm"] == pytest.approx(0.2 * plain.terms_s["tensor_parallel_comm"])
+    assert halves.tokens_per_s_per_device > plain.tokens_per_s_per_device

@@ -28,6 +28,10 @@ from qwen15_exp.layout import layout_name, layout_of
       "hardware=atlas_800t_a2"],
      dict(name="dp4pp2", devices=8, nodes=1, devices_here=8, global_batch=16, tokens_per_step=16 * 4096,
           launcher="plan", executes=False)),
+    # micro_batch_interleave_num: MindFormers feeds batch x 2 samples per micro-batch (two interleaved halves):
+    # global batch = 1 x dp 4 x 2 = 8 (the 14B pretrain recipe), seq 32768
+    (["+experiment=recipe/pretrain_14b"],
+     dict(name="dp4mp4", devices=16, nodes=2, global_batch=8, tokens_per_step=8 * 32768, launcher="plan")),
     (["hardware=cpu"], dict(name="single", devices=1, nodes=1, devices_here=1, global_batch=1, tokens_per_step=128,
                             launcher="local", executes=True)),
     (["phase=predict", "hardware=cpu"], dict(name="single", devices=1, global_batch=1, tokens_per_step=0,
