@@ -7,7 +7,7 @@ import pytest
 
 from qwen15_exp.data import alpaca, chatml, wiki
 from qwen15_exp.data.prepare import prepare
-from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, PAD_ID, load_tokenizer
+from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, PAD_ID, load_bulk_encoder, load_tokenizer
 from qwen15_exp.errors import UserError
 from qwen15_exp.schema import DataConfig
 
@@ -145,7 +145,7 @@ def test_wiki_eod_between_articles(tmp_path):
     src = tmp_path / "w.txt"
     src.write_text(WIKI)
     stats = wiki.WikiStats()
-    ids = np.concatenate(list(wiki.token_stream(src, load_tokenizer(), True, 1, stats)))
+    ids = np.concatenate([wiki.encode_items(items, load_bulk_encoder()) for items in wiki.cleaned_blocks(src, True, 1, stats)])
     assert (ids == PAD_ID).sum() == 1                     # one boundary between the two articles
 
 
@@ -157,6 +157,70 @@ def test_wiki_repeat_and_bounded_blocks(tmp_path):
     once = prepare(data_cfg(tmp_path, "wiki", src, seq=15), 15, show_progress=False).rows
     twice = prepare(data_cfg(tmp_path, "wiki", src, seq=15, repeat=2), 15, show_progress=False).rows
     assert twice in (2 * once, 2 * once + 1)
+
+
+
+def test_the_worker_processes_give_what_encoding_here_gives(tmp_path):
+    # small blocks, so that the two workers share them and an article starts at a block's head: the
+    # <|endoftext|> between articles must land as it does in one process, in the same order, with the counts
+    src = tmp_path / "w.txt"
+    src.write_text(WIKI * 40)
+    here, there = wiki.WikiStats(), wiki.WikiStats()
+    expected = [wiki.encode_items(items, load_bulk_encoder())
+                for _ in range(2) for items in (wiki.paragraphs(b, here, True) for b in wiki.read_blocks(src, 300))]
+    import qwen15_exp.data.wiki as w
+    old = w.BLOCK_CHARS
+    w.read_blocks.__defaults__ = (300,)
+    try:
+        with wiki.EncodingAhead(src, True, 2, there, workers=2, fork=True) as id_blocks:
+            got = list(id_blocks)
+    finally:
+        w.read_blocks.__defaults__ = (old,)
+    assert len(got) == len(expected) > 4
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert (there.paragraphs, there.articles) == (here.paragraphs, here.articles) != (0, 0)
+    assert (np.concatenate(got) == PAD_ID).sum() == 2 * 2 * 40 - 1      # every article start but the first
+    assert not any(c.is_alive() for c in id_blocks.children)
+
+
+def test_an_encoding_error_reaches_the_caller_and_the_workers_end(tmp_path):
+    src = tmp_path / "w.txt"
+    src.write_bytes(b" = T = \n \n caf\xe9 \n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        with wiki.EncodingAhead(src, False, 1, wiki.WikiStats(), fork=True) as id_blocks:
+            list(id_blocks)
+    assert id_blocks.children and not any(c.is_alive() for c in id_blocks.children)
+
+
+def test_the_worker_processes_end_when_their_parent_is_killed(tmp_path):
+    # a parent that starts the encoding of a large file and never reads it, killed with SIGKILL: its worker
+    # processes, blocked on full queues, notice and exit by themselves instead of living on as orphans
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = tmp_path / "w.txt"
+    src.write_text(WIKI * 20000)                                   # ~20 MB: many blocks, the queue fills
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from qwen15_exp.data import wiki\n"
+        f"c = wiki.EncodingAhead(Path({str(src)!r}), False, 1, wiki.WikiStats(), depth=1)\n"
+        "print(*[p.pid for p in c.children], flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    children = [int(pid) for pid in parent.stdout.readline().split()]
+    time.sleep(3.0)                                  # the workers load the encoder and fill their queues
+    assert children and all(os.path.exists(f"/proc/{pid}") for pid in children)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def running(pid):                                # exited and not yet reaped (a zombie) counts as ended
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 15
+    while any(map(running, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, children)), f"workers {children} still running after their parent was killed"
 
 
 # ---- caching and atomicity --------------------------------------------------------------------------

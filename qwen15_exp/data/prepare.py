@@ -84,23 +84,27 @@ def _prepare_into(data, seq_length: int, folder: Path, show_progress: bool) -> d
     from qwen15_exp.data.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(data.tokenizer_dir or None)
-    progress = tqdm(desc=f"prepare {data.format}", unit=" rows", disable=not show_progress, leave=False)
     if data.format == "wiki":
         from qwen15_exp.data import wiki
         stats = wiki.WikiStats()
-        rows = wiki.rows_from_file(Path(data.input), tokenizer, seq_length, data.eod_between_docs,
-                                   data.repeat, stats)
         schema = mindrecord.SCHEMA_PRETRAIN
+        # the workers start first, so that they clean and encode while MindSpore is imported for the writer
+        with wiki.EncodingAhead(Path(data.input), data.eod_between_docs, data.repeat, stats,
+                                data.tokenizer_dir or None) as id_blocks:
+            progress = tqdm(desc="prepare wiki", unit=" rows", disable=not show_progress, leave=False)
+            rows = wiki.rows_from_ids(id_blocks, seq_length, stats)
+            files = mindrecord.write_rows(rows, folder, schema, shards=data.file_partition, progress=progress)
     else:
         from qwen15_exp.data import alpaca, chatml
+        tokenizer = load_tokenizer(data.tokenizer_dir or None)
+        progress = tqdm(desc=f"prepare {data.format}", unit=" rows", disable=not show_progress, leave=False)
         conversations = (alpaca.iter_alpaca(data.input, data.system_prompt) if data.format == "alpaca"
                          else alpaca.iter_chatml(data.input))
         stats = chatml.RowStats()
         tokenized = chatml.tokenize_conversations(tokenizer, conversations, data.mask_prompt)
         rows = chatml.rows_from_tokens(tokenized, seq_length, data.pack, stats)
         schema = mindrecord.SCHEMA_SFT
-    files = mindrecord.write_rows(rows, folder, schema, shards=data.file_partition, progress=progress)
+        files = mindrecord.write_rows(rows, folder, schema, shards=data.file_partition, progress=progress)
     progress.close()
     seconds = time.perf_counter() - t0
     if stats.rows == 0:

@@ -74,6 +74,93 @@ def load_tokenizer(tokenizer_dir: str | None = None):
     return tok
 
 
+# Texts whose ids the bulk encoder must give exactly as the tokenizer above, checked once per load: contractions
+# and case, digits (one per token), whitespace runs and line ends, punctuation runs, CJK, accents composed and
+# decomposed (NFC), emoji, and the special tokens inside text.
+PARITY_PROBE = (
+    "Hello world! It's 2024; they'LL say 'ok' -- 12345 @-@ 3.14", "  leading and  double   spaces \n\n\tTabs\r\n",
+    "你好，世界。我们在训练通义千问模型！", "café Cafe\u0301 naïve Ångström", "emoji 😀👍🏽 and symbols ©®™ ½ ∑",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>", "unicode\u00a0nbsp\u2003em space\u3000ideographic", "",
+)
+
+
+class _TokenizersBatch:
+    """Bulk encoding through the tokenizer itself."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+class _TiktokenBatch:
+    """Bulk encoding through tiktoken's BPE over the same ranks (a Qwen2 token's id is its merge rank: the
+    vocabulary was made by tiktoken, Qwen's own tokenizer), with NFC first as the tokenizer's normalizer does."""
+
+    def __init__(self, encoding, threads: int):
+        self.encoding, self.threads = encoding, threads
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        import unicodedata
+        texts = [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
+        if self.threads == 1:                   # no thread pool: a worker process of its own
+            return [self.encoding.encode(t, allowed_special="all") for t in texts]
+        return self.encoding.encode_batch(texts, num_threads=self.threads, allowed_special="all")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def merges_follow_ids(vocab: dict, merges_file: Path) -> bool:
+    """Whether merges.txt lists its merges in the order of their results' ids: then merging the lowest-ranked
+    pair first (tiktoken) is merging the earliest-listed pair first (`tokenizers`)."""
+    last = -1
+    with open(merges_file, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#version") or not line.strip():
+                continue
+            left, right = line.rstrip("\n").split(" ")
+            merged = vocab.get(left + right)
+            if merged is None or merged <= last:
+                return False
+            last = merged
+    return True
+
+
+@functools.lru_cache(maxsize=4)
+def load_bulk_encoder(tokenizer_dir: str | None = None, threads: int | None = None):
+    """`encode_batch(texts) -> ids` for data preparation: the same ids as load_tokenizer(), about twice as fast
+    through tiktoken (its BPE skips the per-character alignment bookkeeping `tokenizers` keeps for offsets,
+    which preparing data does not use), on `threads` threads (all cores by default). Falls back to the tokenizer itself when tiktoken is missing or any
+    probe text encodes differently: a vocabulary whose ids are not its merge order."""
+    import json
+    import os
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    try:
+        import tiktoken
+    except ImportError:
+        return _TokenizersBatch(tokenizer)
+    alphabet = _byte_level_alphabet()
+    vocab_file, merges_file = tokenizer_files(tokenizer_dir)
+    vocab = json.loads(vocab_file.read_text("utf-8"))
+    if not merges_follow_ids(vocab, merges_file):
+        return _TokenizersBatch(tokenizer)
+    ranks = {bytes(alphabet[ch] for ch in token): i for token, i in vocab.items()}
+    encoding = tiktoken.Encoding("qwen1_5", pat_str=QWEN2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens=dict(SPECIAL_TOKENS))
+    fast = _TiktokenBatch(encoding, threads=threads or len(os.sched_getaffinity(0)))
+    reference = _TokenizersBatch(tokenizer)
+    if fast.encode_batch(list(PARITY_PROBE)) != reference.encode_batch(list(PARITY_PROBE)):
+        return reference
+    return fast
+
+
 def save_tokenizer_json(path: Path, tokenizer_dir: str | None = None) -> Path:
     """Write tokenizer.json (what MindFormers' PreTrainedTokenizerFast loads) atomically."""
     from qwen15_exp.atomic import atomic_path

@@ -9,12 +9,16 @@ difference is that a quote or bracket pair is never matched across two blocks. `
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
 import re
+import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -88,23 +92,47 @@ def read_blocks(path: Path, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
         yield "".join(buf)
 
 
-def paragraphs(block: str, stats: WikiStats, eod_between_docs: bool) -> Iterator[str | None]:
-    """Kept paragraphs of a block; None marks an article boundary (when eod_between_docs)."""
+def block_items(block: str, eod_between_docs: bool) -> tuple[int, list, int, int]:
+    """A block's kept paragraphs, None at each article boundary after its first kept paragraph (when
+    eod_between_docs), as (boundaries before that first paragraph, items, paragraphs, articles): whether
+    the leading boundaries count depends on the blocks before (the seed puts none before the first paragraph
+    of all)."""
+    leading, items, kept, articles = 0, [], 0, 0
     for para in clean_wikitext(block).split("\n\n"):
         if not para:
             continue
         if para.strip().startswith("="):
             if _ARTICLE_HEADING.match(para.strip()):
-                stats.articles += 1
-                if eod_between_docs and stats.paragraphs:
-                    yield None
+                articles += 1
+                if eod_between_docs:
+                    if kept:
+                        items.append(None)
+                    else:
+                        leading += 1
             continue
-        stats.paragraphs += 1
-        yield para
+        kept += 1
+        items.append(para)
+    return leading, items, kept, articles
+
+
+def paragraphs(block: str, stats: WikiStats, eod_between_docs: bool) -> list:
+    """Kept paragraphs of a block; None marks an article boundary (when eod_between_docs)."""
+    leading, items, kept, articles = block_items(block, eod_between_docs)
+    boundaries = [None] * leading if stats.paragraphs else []
+    stats.paragraphs, stats.articles = stats.paragraphs + kept, stats.articles + articles
+    return boundaries + items
+
+
+def encode_items(items: list, encoder) -> np.ndarray:
+    """The ids of a block's items in order: each paragraph's, <|endoftext|> for a boundary."""
+    encoded = iter(encoder.encode_batch([p for p in items if p is not None]))
+    parts = [np.array([PAD_ID], dtype=np.int32) if p is None else np.asarray(next(encoded), dtype=np.int32)
+             for p in items]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def prefetched(items: Iterator, depth: int = 2) -> Iterator:
-    """Run a generator in a thread, `depth` items ahead: cleaning (Python) overlaps encoding (Rust, no GIL)."""
+    """Run a generator in a thread, `depth` items ahead."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -126,30 +154,132 @@ def prefetched(items: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def token_stream(path: Path, tokenizer, eod_between_docs: bool, repeat: int, stats: WikiStats,
-                 batch: int = 2048) -> Iterator[np.ndarray]:
-    def cleaned_blocks():
+def cleaned_blocks(path: Path, eod_between_docs: bool, repeat: int, stats: WikiStats) -> Iterator[list]:
+    """Each block's kept paragraphs, in this process."""
+    for _ in range(repeat):
+        for block in read_blocks(path):
+            yield paragraphs(block, stats, eod_between_docs)
+
+
+def _encode_in_child(path: str, eod_between_docs: bool, repeat: int, tokenizer_dir, worker: int, workers: int,
+                     out, parent: int) -> None:
+    """Worker `worker` of `workers`: blocks worker, worker + workers, ... cleaned and encoded, each sent as
+    ("block", leading boundaries, ids, paragraphs, articles); then ("done",), or ("error"|"crash", text)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # an interrupt is the parent's to handle; it stops us
+
+    def send(item) -> None:
+        while True:
+            try:
+                out.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                if os.getppid() != parent:            # the parent is gone (killed): nobody will read
+                    os._exit(0)
+
+    try:
+        from qwen15_exp.data.tokenizer import load_bulk_encoder
+        encoder = load_bulk_encoder(tokenizer_dir, threads=1)
+        index = 0
         for _ in range(repeat):
-            for block in read_blocks(path):
-                yield list(paragraphs(block, stats, eod_between_docs))
-
-    for pending in prefetched(cleaned_blocks()):
-        for i in range(0, len(pending), batch):
-            chunk = pending[i:i + batch]
-            encoded = iter(tokenizer.encode_batch_fast([p for p in chunk if p is not None],
-                                                       add_special_tokens=False))
-            for p in chunk:
-                if p is None:
-                    yield np.array([PAD_ID], dtype=np.int32)
-                else:
-                    yield np.asarray(next(encoded).ids, dtype=np.int32)
+            for block in read_blocks(Path(path)):
+                if index % workers == worker:
+                    leading, items, kept, articles = block_items(block, eod_between_docs)
+                    send(("block", leading, encode_items(items, encoder), kept, articles))
+                index += 1
+        send(("done",))
+    except UserError as e:
+        send(("error", str(e)))
+    except BaseException as e:                        # a bug: its type and text, raised again in the parent
+        send(("crash", f"{type(e).__name__}: {e}"))
 
 
-def rows_from_file(path: Path, tokenizer, seq_length: int, eod_between_docs: bool, repeat: int,
-                   stats: WikiStats) -> Iterator[dict]:
+class EncodingAhead:
+    """The ids of each block of a Wikitext file, in order: read, cleaned (clean_wikitext), split into
+    paragraphs and encoded by one forked worker process per core, each taking every n-th block.
+
+    Why processes: the seed's cleaning is Python string work that holds the GIL for a whole 4 MB block, and
+    an encoder called from threads needs the GIL between every paragraph, so in one process the two take
+    turns (50 MB on 2 cores: 8 s where the encoding alone takes 3). Started first, the workers clean and
+    encode while this process imports MindSpore for the writer. Forked only while no MindSpore runtime (its
+    threads) is in this process; otherwise everything runs here, the cleaning in a thread. A worker stops
+    with the stream, and by itself when this process is gone."""
+
+    def __init__(self, path: Path, eod_between_docs: bool, repeat: int, stats: WikiStats,
+                 tokenizer_dir: str | None = None, workers: int | None = None, depth: int = 2,
+                 fork: bool | None = None):
+        self.path, self.eod, self.repeat, self.stats, self.tokenizer_dir = path, eod_between_docs, repeat, stats, tokenizer_dir
+        self.children, self.queues = [], []
+        if fork is None:
+            fork = "mindspore" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+        if fork:
+            ctx = multiprocessing.get_context("fork")
+            n = workers or len(os.sched_getaffinity(0))
+            for k in range(n):
+                q = ctx.Queue(maxsize=depth)
+                child = ctx.Process(target=_encode_in_child, daemon=True, name=f"qwen15_exp-encode{k}",
+                                    args=(str(path), eod_between_docs, repeat, tokenizer_dir, k, n, q, os.getpid()))
+                child.start()
+                self.children.append(child)
+                self.queues.append(q)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self._from_children() if self.children else self._here()
+
+    def _here(self) -> Iterator[np.ndarray]:
+        from qwen15_exp.data.tokenizer import load_bulk_encoder
+        encoder = load_bulk_encoder(self.tokenizer_dir)
+        for items in prefetched(cleaned_blocks(self.path, self.eod, self.repeat, self.stats)):
+            yield encode_items(items, encoder)
+
+    def _next_from(self, k: int):
+        while True:
+            try:
+                return self.queues[k].get(timeout=1.0)
+            except queue.Empty:
+                if not self.children[k].is_alive():
+                    raise RuntimeError(f"the process encoding {self.path} stopped "
+                                       f"(exit code {self.children[k].exitcode})") from None
+
+    def _from_children(self) -> Iterator[np.ndarray]:
+        finished = set()
+        k = 0
+        while len(finished) < len(self.children):
+            if k not in finished:
+                item = self._next_from(k)
+                if item[0] == "done":
+                    finished.add(k)
+                    continue
+                if item[0] == "error":
+                    raise UserError(item[1])
+                if item[0] == "crash":
+                    raise RuntimeError(f"encoding {self.path} failed: {item[1]}")
+                _, leading, ids, kept, articles = item
+                if leading and self.stats.paragraphs:
+                    ids = np.concatenate([np.full(leading, PAD_ID, dtype=np.int32), ids])
+                self.stats.paragraphs, self.stats.articles = self.stats.paragraphs + kept, self.stats.articles + articles
+                yield ids
+            k = (k + 1) % len(self.children)
+
+    def close(self) -> None:
+        for child, q in zip(self.children, self.queues):
+            if child.is_alive():
+                child.terminate()
+            child.join()
+            q.cancel_join_thread()
+            q.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def rows_from_ids(id_blocks: Iterable[np.ndarray], seq_length: int, stats: WikiStats) -> Iterator[dict]:
+    """Non-overlapping windows of seq_length + 1 over the concatenated ids; the last partial one dropped."""
     width = seq_length + 1
     carry = np.zeros(0, dtype=np.int32)
-    for ids in token_stream(path, tokenizer, eod_between_docs, repeat, stats):
+    for ids in id_blocks:
         carry = np.concatenate([carry, ids]) if len(carry) else ids
         n_full = len(carry) // width
         for k in range(n_full):
