@@ -6,7 +6,8 @@ weighted, with WikiText's ' @-@ ', ' , ' and ' . ' and = headings =), then measu
   - the limit: raw `tokenizers` batch encoding of the same cleaned paragraphs, nothing written;
   - the seed's approach: transformers' slow Python Qwen2Tokenizer, one paragraph at a time (on a slice,
     its rate extrapolated: it would take hours on the whole file).
-Goals: prepare >= 0.7x the limit (issue 13 raised it to 0.9x for the whole command, at 50 and 500 MB), >= 10x the seed's approach, peak memory < 1 GB on a 500 MB input
+Goals: the whole command >= 0.9x the limit at 50 and 500 MB (issue 13), >= 10x the seed's approach, peak memory (the
+process and its encoding workers, summed) < 1 GB on a 500 MB input
 (`--mb 500`; the default 50 MB keeps the run to a few minutes).
 
 Usage: python bench/prepare.py [--mb 50] [--seed-mb 0.5]
