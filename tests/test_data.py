@@ -181,6 +181,12 @@ def test_the_worker_processes_give_what_encoding_here_gives(tmp_path):
     assert (there.paragraphs, there.articles) == (here.paragraphs, here.articles) != (0, 0)
     assert (np.concatenate(got) == PAD_ID).sum() == 2 * 2 * 40 - 1      # every article start but the first
     assert not any(c.is_alive() for c in id_blocks.children)
+    # without forking (MindSpore already in the process): the same ids, all in this process
+    alone = wiki.WikiStats()
+    with wiki.EncodingAhead(src, True, 2, alone, fork=False) as id_blocks:
+        assert id_blocks.children == []
+        assert np.array_equal(np.concatenate(list(id_blocks)), np.concatenate(expected))
+    assert (alone.paragraphs, alone.articles) == (here.paragraphs, here.articles)
 
 
 def test_an_encoding_error_reaches_the_caller_and_the_workers_end(tmp_path):
