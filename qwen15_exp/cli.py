@@ -49,9 +49,10 @@ def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
     import hydra
 
     from qwen15_exp.console import quiet
-    from qwen15_exp.launch.local import skip_pytorch_import
+    from qwen15_exp.launch.local import defer_nltk_init, skip_pytorch_import
     quiet(sys.argv[1:])                   # every entrypoint (chat, prepare, convert): MindFormers' log to its files
     skip_pytorch_import()
+    defer_nltk_init()
 
     problem = slurm_missing(sys.argv[1:])
     if problem:

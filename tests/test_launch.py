@@ -234,3 +234,34 @@ def test_the_shared_compile_cache_stays_under_its_size_least_recently_used_going
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "recent", "running"]
     # over the size with only folders in use or this run's: nothing more goes
     assert prune(tmp_path / "new", max_bytes=0, now=(tmp_path / "recent").stat().st_mtime + IN_USE_S / 2) == []
+
+
+DEFERRED_NLTK = """
+import sys, time
+from qwen15_exp.launch.local import defer_nltk_init, skip_pytorch_import
+skip_pytorch_import()
+defer_nltk_init()
+import mindformers.core.metric.metric as metric
+loaded = sorted(name for name in sys.modules if name.startswith("nltk"))
+score = metric.sentence_bleu([list("abcdef")], list("abcdxf"), smoothing_function=metric.SmoothingFunction().method3)
+import nltk
+from nltk import ngrams                  # any other use of nltk: its own __init__ runs, all of it is there
+print(loaded, score, list(ngrams("abc", 2)), "nltk.chunk" in sys.modules)
+"""
+
+
+def test_mindformers_imports_the_real_bleu_without_all_of_nltk(tmp_path):
+    # nltk's package __init__ (1.1 s of every run's start) waits for a use; MindFormers' metric gets the real
+    # sentence_bleu: the same score as nltk imported whole
+    r = subprocess.run([sys.executable, "-c", DEFERRED_NLTK], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "LOG_MF_PATH": str(tmp_path / "log")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    whole = subprocess.run([sys.executable, "-c", "from nltk.translate.bleu_score import sentence_bleu, "
+                            "SmoothingFunction as S; print(sentence_bleu([list('abcdef')], list('abcdxf'), "
+                            "smoothing_function=S().method3))"], capture_output=True, text=True, check=True)
+    loaded, rest = r.stdout.strip().splitlines()[-1].split("] ", 1)     # the last line: MindFormers logs before it
+    assert loaded == "['nltk', 'nltk.collections', 'nltk.internals', 'nltk.translate', 'nltk.translate.bleu_score', " \
+                     "'nltk.util'"
+    score, *_, chunk = rest.split(" ")
+    assert float(score) == float(whole.stdout) and chunk == "True"
+    assert "[('a', 'b'), ('b', 'c')]" in rest

@@ -84,8 +84,9 @@ def main(argv=None) -> None:
         print(f"node {os.environ['QWEN15_EXP_NODE_RANK']}: the scheduler runs on node 0; not starting another")
         return
     die_with_parent()
-    from qwen15_exp.launch.local import skip_pytorch_import
+    from qwen15_exp.launch.local import defer_nltk_init, skip_pytorch_import
     skip_pytorch_import()
+    defer_nltk_init()
     args = parse_args(argv)
     yaml_path = Path(args.config).resolve()
     run_dir = yaml_path.parent
