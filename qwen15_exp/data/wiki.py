@@ -154,15 +154,16 @@ def prefetched(items: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def cleaned_blocks(path: Path, eod_between_docs: bool, repeat: int, stats: WikiStats) -> Iterator[list]:
+def cleaned_blocks(path: Path, eod_between_docs: bool, repeat: int, stats: WikiStats,
+                   block_chars: int = BLOCK_CHARS) -> Iterator[list]:
     """Each block's kept paragraphs, in this process."""
     for _ in range(repeat):
-        for block in read_blocks(path):
+        for block in read_blocks(path, block_chars):
             yield paragraphs(block, stats, eod_between_docs)
 
 
-def _encode_in_child(path: str, eod_between_docs: bool, repeat: int, tokenizer_dir, worker: int, workers: int,
-                     out, parent: int) -> None:
+def _encode_in_child(path: str, eod_between_docs: bool, repeat: int, tokenizer_dir, block_chars: int,
+                     worker: int, workers: int, out, parent: int) -> None:
     """Worker `worker` of `workers`: blocks worker, worker + workers, ... cleaned and encoded, each sent as
     ("block", leading boundaries, ids, paragraphs, articles); then ("done",), or ("error"|"crash", text)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # an interrupt is the parent's to handle; it stops us
@@ -181,7 +182,7 @@ def _encode_in_child(path: str, eod_between_docs: bool, repeat: int, tokenizer_d
         encoder = load_bulk_encoder(tokenizer_dir, threads=1)
         index = 0
         for _ in range(repeat):
-            for block in read_blocks(Path(path)):
+            for block in read_blocks(Path(path), block_chars):
                 if index % workers == worker:
                     leading, items, kept, articles = block_items(block, eod_between_docs)
                     send(("block", leading, encode_items(items, encoder), kept, articles))
@@ -206,8 +207,9 @@ class EncodingAhead:
 
     def __init__(self, path: Path, eod_between_docs: bool, repeat: int, stats: WikiStats,
                  tokenizer_dir: str | None = None, workers: int | None = None, depth: int = 2,
-                 fork: bool | None = None):
-        self.path, self.eod, self.repeat, self.stats, self.tokenizer_dir = path, eod_between_docs, repeat, stats, tokenizer_dir
+                 fork: bool | None = None, block_chars: int = BLOCK_CHARS):
+        self.path, self.eod, self.repeat, self.stats = path, eod_between_docs, repeat, stats
+        self.tokenizer_dir, self.block_chars = tokenizer_dir, block_chars
         self.children, self.queues = [], []
         if fork is None:
             fork = "mindspore" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
@@ -217,7 +219,8 @@ class EncodingAhead:
             for k in range(n):
                 q = ctx.Queue(maxsize=depth)
                 child = ctx.Process(target=_encode_in_child, daemon=True, name=f"qwen15_exp-encode{k}",
-                                    args=(str(path), eod_between_docs, repeat, tokenizer_dir, k, n, q, os.getpid()))
+                                    args=(str(path), eod_between_docs, repeat, tokenizer_dir, block_chars, k, n,
+                                          q, os.getpid()))
                 child.start()
                 self.children.append(child)
                 self.queues.append(q)
@@ -228,7 +231,7 @@ class EncodingAhead:
     def _here(self) -> Iterator[np.ndarray]:
         from qwen15_exp.data.tokenizer import load_bulk_encoder
         encoder = load_bulk_encoder(self.tokenizer_dir)
-        for items in prefetched(cleaned_blocks(self.path, self.eod, self.repeat, self.stats)):
+        for items in prefetched(cleaned_blocks(self.path, self.eod, self.repeat, self.stats, self.block_chars)):
             yield encode_items(items, encoder)
 
     def _next_from(self, k: int):
