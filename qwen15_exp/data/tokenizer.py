@@ -136,9 +136,9 @@ def merges_follow_ids(vocab: dict, merges_file: Path) -> bool:
 def load_bulk_encoder(tokenizer_dir: str | None = None, threads: int | None = None):
     """`encode_batch(texts) -> ids` for data preparation: the same ids as load_tokenizer(), about twice as fast
     through tiktoken (its BPE skips the per-character alignment bookkeeping `tokenizers` keeps for offsets,
-    which preparing data does not use), on `threads` threads (all cores by default). Falls back to the tokenizer itself when tiktoken is missing or any
-    probe text encodes differently: a vocabulary whose ids are not its merge order."""
-    import json
+    which preparing data does not use), on `threads` threads (all cores by default). Falls back to the
+    tokenizer itself when tiktoken is missing or any probe text encodes differently: a vocabulary whose ids
+    are not its merge order."""
     import os
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -147,9 +147,8 @@ def load_bulk_encoder(tokenizer_dir: str | None = None, threads: int | None = No
     except ImportError:
         return _TokenizersBatch(tokenizer)
     alphabet = _byte_level_alphabet()
-    vocab_file, merges_file = tokenizer_files(tokenizer_dir)
-    vocab = json.loads(vocab_file.read_text("utf-8"))
-    if not merges_follow_ids(vocab, merges_file):
+    vocab = tokenizer.get_vocab(with_added_tokens=False)        # vocab.json as the tokenizer already read it
+    if not merges_follow_ids(vocab, tokenizer_files(tokenizer_dir)[1]):
         return _TokenizersBatch(tokenizer)
     ranks = {bytes(alphabet[ch] for ch in token): i for token, i in vocab.items()}
     encoding = tiktoken.Encoding("qwen1_5", pat_str=QWEN2_SPLIT_PATTERN, mergeable_ranks=ranks,

@@ -166,16 +166,11 @@ def _encode_in_child(path: str, eod_between_docs: bool, repeat: int, tokenizer_d
                      worker: int, workers: int, out, parent: int) -> None:
     """Worker `worker` of `workers`: blocks worker, worker + workers, ... cleaned and encoded, each sent as
     ("block", leading boundaries, ids, paragraphs, articles); then ("done",), or ("error"|"crash", text)."""
+    from qwen15_exp.lifecycle import set_parent_death_signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # an interrupt is the parent's to handle; it stops us
-
-    def send(item) -> None:
-        while True:
-            try:
-                out.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                if os.getppid() != parent:            # the parent is gone (killed): nobody will read
-                    os._exit(0)
+    set_parent_death_signal(signal.SIGKILL)           # the parent killed: nobody will read, end with it
+    if os.getppid() != parent:                        # it died before the signal was armed
+        os._exit(0)
 
     try:
         from qwen15_exp.data.tokenizer import load_bulk_encoder
@@ -185,13 +180,13 @@ def _encode_in_child(path: str, eod_between_docs: bool, repeat: int, tokenizer_d
             for block in read_blocks(Path(path), block_chars):
                 if index % workers == worker:
                     leading, items, kept, articles = block_items(block, eod_between_docs)
-                    send(("block", leading, encode_items(items, encoder), kept, articles))
+                    out.put(("block", leading, encode_items(items, encoder), kept, articles))
                 index += 1
-        send(("done",))
+        out.put(("done",))
     except UserError as e:
-        send(("error", str(e)))
+        out.put(("error", str(e)))
     except BaseException as e:                        # a bug: its type and text, raised again in the parent
-        send(("crash", f"{type(e).__name__}: {e}"))
+        out.put(("crash", f"{type(e).__name__}: {e}"))
 
 
 class EncodingAhead:
