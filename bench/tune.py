@@ -17,7 +17,8 @@ import sys
 import time
 
 from job import scratch
-from qwen15_exp.report import collect, rank_resolution, spearman
+from qwen15_exp.ranks import spearman
+from qwen15_exp.report import collect, rank_resolution
 
 
 def search_time() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-PROCESS_T0 = time.time()
+PROCESS_START = time.time()     # "first step at" counts from here
 
 import sys  # noqa: E402
 
@@ -26,10 +26,10 @@ def task(cfg) -> dict | None:
     from qwen15_exp.run import run
 
     run_dir = HydraConfig.get().runtime.output_dir
-    t_ref = PROCESS_T0 if _jobs["started"] == 0 else None      # later jobs of a sweep count from their start
+    process_start = PROCESS_START if _jobs["started"] == 0 else None   # later jobs of a sweep: from their start
     _jobs["started"] += 1
     if HydraConfig.get().mode.name != "MULTIRUN":
-        return run(cfg, run_dir, t_ref)
+        return run(cfg, run_dir, process_start)
     from qwen15_exp.sweep import finished_result
     done = finished_result(run_dir, cfg)
     if done is not None:                      # a sweep run again into its own dir: keep what ended ok
@@ -39,7 +39,7 @@ def task(cfg) -> dict | None:
     PROGRESS.update(label=f"job {HydraConfig.get().job.num}", leave=False)    # then its one summary line
     # in a sweep one bad or failed job must not hide the others: run() recorded it, finish, exit non-zero
     try:
-        return run(cfg, run_dir, t_ref, show_progress=False, brief=True)
+        return run(cfg, run_dir, process_start, show_progress=False, brief=True)
     except RunInterrupted:
         raise                                 # a signal to the sweep stops the sweep (cli.py exits)
     except Exception as e:
@@ -53,23 +53,20 @@ def task(cfg) -> dict | None:
         return None
 
 
-def main() -> None:
-    from qwen15_exp.compose import group_options, register
+def command_line(argv: list[str]) -> list[str]:
+    """resume=<run dir> becomes that run's overrides; parallel=<degrees> without a layout file is explained."""
+    from qwen15_exp.compose import explain_unknown_layout, group_options
     from qwen15_exp.errors import UserError
-    from qwen15_exp.layout_names import explain
     from qwen15_exp.resume import resume_argv
-
-    register()
-    try:
-        sys.argv[1:] = resume_argv(sys.argv[1:])
-    except UserError as e:
-        report_user_error(str(e))
-        sys.exit(e.exit_code)
-    message = explain(sys.argv[1:], group_options("parallel"))
+    argv = resume_argv(argv)
+    message = explain_unknown_layout(argv, group_options("parallel"))
     if message:
-        report_user_error(message)
-        sys.exit(2)
-    run_app("config", task)
+        raise UserError(message)
+    return argv
+
+
+def main() -> None:
+    run_app("config", task, prepare_argv=command_line)
     from qwen15_exp.report import FAILED_JOBS
     failed = sorted(set(_jobs["failed"]) | set(FAILED_JOBS))      # FAILED_JOBS: jobs run by other processes too
     if failed:

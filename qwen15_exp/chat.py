@@ -116,27 +116,31 @@ def run_chat(exp, run_dir: str) -> None:
     from pathlib import Path
 
     from qwen15_exp.errors import UserError
+    from qwen15_exp.adapt import adapt
     from qwen15_exp.estimate.memory import estimate_memory
+    from qwen15_exp.launch.choose import choose_launcher
     from qwen15_exp.launch.generate import Generator, generation_kwargs
-    from qwen15_exp.launch.local import inside, mindformers_env
+    from qwen15_exp.launch.start import in_run_dir
     from qwen15_exp.layout import layout_of
     from qwen15_exp.plan import make_plan
+    from qwen15_exp.run_files import mindformers_env
     from qwen15_exp.validate import InvalidExperiment, validate
     from qwen15_exp.weights.checkpoint import resolve_checkpoint
 
-    layout = layout_of(exp)
-    if layout.launcher != "local":
-        raise UserError(f"interactive chat runs on one device in this process; here: {layout.why}. Use "
+    layout, adapted = layout_of(exp), adapt(exp)
+    choice = choose_launcher(exp, layout)
+    if choice.launcher != "local":
+        raise UserError(f"interactive chat runs on one device in this process; here: {choice.why}. Use "
                         "hardware=cpu (or a single NPU), or phase=chat with python -m qwen15_exp for a planned "
                         "multi-device run")
-    memory = estimate_memory(exp, layout)
-    problems = validate(exp, layout, memory)
+    memory = estimate_memory(exp, layout, adapted)
+    problems = validate(exp, layout, memory, choice.executes)
     if problems:
         raise InvalidExperiment(problems)
     run_dir = Path(run_dir)
-    with inside(run_dir, mindformers_env(run_dir)):
+    with in_run_dir(run_dir, mindformers_env(run_dir)):
         resolve_checkpoint(exp, layout.devices)
-        plan = make_plan(exp, run_dir, layout=layout, memory=memory)
+        plan = make_plan(exp, run_dir, layout=layout, memory=memory, adapted=adapted, choice=choice)
         if not exp.phase.load_checkpoint:
             print("note: no phase.load_checkpoint given: the model has random weights (text is meaningless, "
                   "the mechanics are real)")

@@ -45,14 +45,30 @@ def slurm_missing(argv: list[str]) -> str | None:
             "node, or leave out the launcher override to run the sweep on this machine")
 
 
-def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
+def exit_on_user_error(fn: Callable[[], Any], hint: str = "") -> Any:
+    """fn(), with a user's mistake (ours, Hydra's or OmegaConf's) reported in one line and exit code 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        return fn()
+    except (UserError, MissingMandatoryValue) as e:
+        report_user_error(user_error_message(e))
+        sys.exit(exit_code_of(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        report_user_error(f"{e}".strip().splitlines()[0] + (f"\n  ({hint})" if hint else ""))
+        sys.exit(2)
+
+
+def run_app(config_name: str, task: Callable[[Any], Any],
+            prepare_argv: Callable[[list[str]], list[str]] | None = None) -> None:
+    """The Hydra app over conf/<config_name>.yaml running `task`. `prepare_argv` may rewrite the command line
+    first (resume=<run dir>) or refuse it (a UserError: exit 2)."""
     import hydra
 
     from qwen15_exp.console import quiet
-    from qwen15_exp.launch.local import defer_nltk_init, skip_pytorch_import
+    from qwen15_exp.launch.start import prepare_process
     quiet(sys.argv[1:])                   # every entrypoint (chat, prepare, convert): MindFormers' log to its files
-    skip_pytorch_import()
-    defer_nltk_init()
+    prepare_process()
 
     problem = slurm_missing(sys.argv[1:])
     if problem:
@@ -62,6 +78,8 @@ def run_app(config_name: str, task: Callable[[Any], Any]) -> None:
     from qwen15_exp.compose import conf_dir, register
 
     register()
+    if prepare_argv is not None:
+        sys.argv[1:] = exit_on_user_error(lambda: prepare_argv(sys.argv[1:]))
     started = []
 
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")

@@ -170,3 +170,29 @@ def to_experiment(cfg: DictConfig, base_dir: str | None = None, overrides: list[
     exp = true_names(_typed(compose_overrides(kept + [f"hardware={choice}"]), base_dir))
     exp.hardware.description += " (chosen by hardware=auto)"
     return exp
+
+
+def explain_unknown_layout(argv: list[str], known: list[str]) -> str | None:
+    """For `parallel=<name>` where no layout file has that name but it reads as degrees (dp2mp4, mp3): what
+    is wrong and what would work, validated as those degrees."""
+    from qwen15_exp.layout import parse_layout_name
+    for arg in argv:
+        if not arg.startswith("parallel=") or "," in arg:
+            continue
+        name = arg.split("=", 1)[1]
+        degrees_given = None if name in known else parse_layout_name(name)
+        if degrees_given:
+            break
+    else:
+        return None
+    from qwen15_exp.validate import format_problems, validate
+    overrides = [f"parallel.{key}={value}" for key, value in degrees_given.items()]
+    rest = [a for a in argv if not a.startswith("parallel=") and "=" in a and not a.startswith("-")]
+    args = rest + ["parallel=single"] + overrides
+    exp = to_experiment(compose_overrides(args), overrides=args)
+    problems = validate(exp)
+    head = (f"parallel={name}: there is no layout file named {name!r} (named layouts: {', '.join(known)}). "
+            f"Read as {' '.join(overrides)}:")
+    if problems:
+        return f"{head}\n{format_problems(problems)}"
+    return f"{head} valid. Write it as `parallel=single {' '.join(overrides)}` (or add conf/parallel/{name}.yaml)."

@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from qwen15_exp import run_files
 
 
 # Warnings MindFormers prints on every import here, harmless for Qwen1.5 (they stay in its log files):
@@ -58,7 +59,7 @@ def mindformers_output(run_dir: Path):
     if not isinstance(stdout, SwitchableStdout):
         yield
         return
-    log = Path(run_dir) / "output" / "log" / "console.log"
+    log = run_files.console_log(run_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as sink:
         stdout.flush()

@@ -14,7 +14,7 @@ from __future__ import annotations
 def task(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from qwen15_exp.weights.convert import convert
+    from qwen15_exp.weights.hf_conversion import convert
     summary = convert(OmegaConf.to_object(cfg))
     print(f"converted {summary.tensors} tensors, {summary.bytes_written / 1e6:,.1f} MB written "
           f"(largest tensor {summary.largest_tensor_bytes / 1e6:,.1f} MB):")

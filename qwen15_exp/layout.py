@@ -1,4 +1,5 @@
-"""The layout of one run: degrees, devices, nodes, batch, tokens per step and the launcher. Pure.
+"""The layout of one run: degrees, devices, nodes, batch and tokens per step. Pure (the launcher, which
+depends on this machine, is chosen in launch/choose.py).
 
 `Layout` is built once from the composed experiment (`layout_of`) and read by validate, the estimates, the
 MindFormers config, the plan and the launchers, in the spirit of torchtitan's ParallelDims: the degrees are
@@ -7,11 +8,22 @@ messages. Its `name` is derived from the degrees (`dp4mp2`), so it stays true af
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from pathlib import Path
 
 DEGREE_KEYS = (("dp", "data_parallel"), ("mp", "model_parallel"), ("pp", "pipeline_stage"),
                ("cp", "context_parallel"))
+_NAME = re.compile("^" + "".join(rf"(?:{short}(?P<{short}>\d+))?" for short, _ in DEGREE_KEYS) + "$")
+
+
+def parse_layout_name(name: str) -> dict[str, int] | None:
+    """'dp2mp4' -> {'data_parallel': 2, 'model_parallel': 4}: the inverse of layout_name (None if the name
+    does not read as degrees)."""
+    m = _NAME.match(name or "")
+    if not name or not m or not any(m.groupdict().values()):
+        return None
+    keys = dict(DEGREE_KEYS)
+    return {keys[short]: int(v) for short, v in m.groupdict().items() if v}
 
 
 def layout_name(dp: int, mp: int, pp: int, cp: int = 1) -> str:
@@ -36,9 +48,6 @@ class Layout:
     nodes: int
     global_batch: int              # samples per optimizer step
     tokens_per_step: int           # 0 for predict
-    launcher: str                  # local | msrun | plan
-    executes: bool                 # runs on this machine (local, msrun) or is only written (plan)
-    why: str                       # how the launcher was chosen, in words
 
     @property
     def devices(self) -> int:
@@ -62,30 +71,6 @@ class Layout:
         return " x ".join(terms)
 
 
-def npus_present() -> bool:
-    """Ascend NPUs visible on this machine (the driver's device nodes)."""
-    return any(Path("/dev").glob("davinci[0-9]*"))
-
-
-def choose_launcher(exp, n_devices: int, n_nodes: int) -> tuple[str, bool, str]:
-    """(launcher, executes here, why): local | msrun | plan."""
-    hw = exp.hardware
-    if exp.launch.mode == "plan":
-        return "plan", False, "launch.mode=plan: files written, nothing executed"
-    if exp.launch.rank_table:
-        return "plan", False, ("launch.rank_table: one script per server starts a worker per device of the table; "
-                               "run them on the servers")
-    if hw.device_target == "CPU":
-        if n_devices > 1 or exp.launch.mode == "msrun":
-            return "msrun", True, f"{n_devices} CPU workers started by msrun on this machine"
-        what = "generate" if exp.phase.run_mode == "predict" else "Trainer"
-        return "local", True, f"in-process MindFormers {what} on this machine's CPU"
-    if npus_present():
-        return "msrun", True, f"Ascend NPUs present: msrun on {n_nodes} node(s)"
-    return "plan", False, (f"hardware={hw.name} targets Ascend NPUs and this machine has none "
-                           "(no /dev/davinci*): the run is planned and its files written; nothing was executed")
-
-
 def micro_batch_samples(exp) -> int:
     """Samples one device passes through the network per micro-batch: phase.batch_size, times
     micro_batch_interleave_num, whose MicroBatchInterleaved wrapper takes that many batches and runs their
@@ -101,8 +86,6 @@ def layout_of(exp) -> Layout:
     n_nodes = p.nodes or max(1, -(-n_devices // per_node))
     accumulation = p.micro_batch_num if pp > 1 else ph.gradient_accumulation_steps
     gb = micro_batch_samples(exp) * dp * accumulation
-    launcher, executes, why = choose_launcher(exp, n_devices, n_nodes)
     return Layout(data_parallel=dp, model_parallel=mp, pipeline_stage=pp, context_parallel=cp,
                   micro_batch_num=p.micro_batch_num, devices_per_node=hw.devices_per_node, nodes=n_nodes,
-                  global_batch=gb, tokens_per_step=gb * exp.data.seq_length if ph.run_mode != "predict" else 0,
-                  launcher=launcher, executes=executes, why=why)
+                  global_batch=gb, tokens_per_step=gb * exp.data.seq_length if ph.run_mode != "predict" else 0)

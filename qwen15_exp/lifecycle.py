@@ -13,6 +13,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from qwen15_exp import run_files
 
 INITIAL_STEP_ENV = "QWEN15_EXP_INITIAL_STEP"   # steps done before this process (a resumed run's plan sets it)
 STOP_FILE = "STOP"           # in the run dir: the step at which every rank stops (mindformers_ext.StopControl)
@@ -81,7 +82,7 @@ def pid_alive(pid: int) -> bool:
 def run_status(run_dir: Path) -> dict:
     """The run's result as anything reading it should see it (status `killed` where the process died)."""
     run_dir = Path(run_dir)
-    result_path = run_dir / "result.json"
+    result_path = run_dir / run_files.RESULT
     if result_path.is_file():
         try:
             result = json.loads(result_path.read_text())
@@ -93,7 +94,7 @@ def run_status(run_dir: Path) -> dict:
                              f"continue it with: python -m qwen15_exp resume={run_dir}"}
         if result:
             return result
-    if (run_dir / "plan.json").is_file():
+    if (run_dir / run_files.PLAN).is_file():
         return {"status": "killed", "run_dir": str(run_dir),
                 "error": "the run has a plan but no result: it was killed before it could write one"}
     return {"status": "missing", "run_dir": str(run_dir)}

@@ -22,3 +22,10 @@ def weights_cache_dir() -> Path:
 
 def output_root() -> Path:
     return Path(os.environ.get("QWEN15_EXP_OUTPUTS") or os.path.join(os.path.expanduser("~"), "qwen15_exp_outputs"))
+
+
+def user_conf_dir() -> Path:
+    """Config files qwen15_exp writes for the user (tune's experiment/tuned/<name>.yaml): under the output root,
+    never into the installed package, and on Hydra's search path for every qwen15_exp command
+    (hydra_plugins/qwen15_exp_launcher/searchpath.py)."""
+    return output_root() / "conf"

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen15_exp import mindformers_config
-from qwen15_exp.adapt import adapt
+from qwen15_exp.adapt import Adapted, adapt
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import MemoryEstimate, estimate_memory, total_params, trainable_params
 from qwen15_exp.estimate.throughput import ThroughputEstimate, estimate_throughput
+from qwen15_exp.launch.choose import LaunchChoice, choose_launcher
 from qwen15_exp.layout import Layout, layout_of
 
 
@@ -28,6 +29,7 @@ class Dataset:
 class Plan:
     run_dir: Path
     layout: Layout
+    choice: LaunchChoice
     steps: int | None
     params_total: int
     params_trainable: int
@@ -40,16 +42,16 @@ class Plan:
 
     @property
     def launcher(self) -> str:
-        return self.layout.launcher
+        return self.choice.launcher
 
     @property
     def executes(self) -> bool:
-        return self.layout.executes
+        return self.choice.executes
 
     def summary(self) -> dict:
         L = self.layout
         return {
-            "run_dir": str(self.run_dir), "launcher": L.launcher, "executes": L.executes, "why": L.why,
+            "run_dir": str(self.run_dir), "launcher": self.launcher, "executes": self.executes, "why": self.choice.why,
             "layout": L.name, "devices": L.devices, "nodes": L.nodes, "devices_per_node": L.devices_per_node,
             "global_batch": L.global_batch, "tokens_per_step": L.tokens_per_step, "steps": self.steps,
             "params_total": self.params_total, "params_trainable": self.params_trainable, "memory": self.memory.as_dict(),
@@ -99,10 +101,14 @@ def run_env(exp, resume=None) -> dict:
 
 
 def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout | None = None,
-              memory: MemoryEstimate | None = None, resume=None, eval_dataset: Dataset | None = None) -> Plan:
+              memory: MemoryEstimate | None = None, resume=None, eval_dataset: Dataset | None = None,
+              adapted: Adapted | None = None, choice: LaunchChoice | None = None) -> Plan:
+    """The plan of one run. A run hands in the layout, adaptations, launch choice and memory estimate it
+    computed once; alone (tests, tools) they are computed here."""
     L = layout or layout_of(exp)
-    adapted = adapt(exp)
-    throughput = estimate_throughput(exp, L)
+    adapted = adapted or adapt(exp)
+    choice = choice or choose_launcher(exp, L)
+    throughput = estimate_throughput(exp, L, adapted)
     steps = stop = total = epochs = None
     if exp.phase.trains and dataset is not None and dataset.rows:
         epochs, stop, total = training_steps(exp, L, dataset.rows)
@@ -112,7 +118,7 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout
     save_steps = checkpoint_interval(exp, throughput.step_s if throughput else None, total)
     # a plan is copied to the cluster: its paths are relative to its own folder
     cfg = mindformers_config.build(
-        exp, run_dir if L.executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
+        exp, run_dir if choice.executes else Path("."), dataset_dir=dataset.folder if dataset else "", epochs=epochs,
         columns=list(dataset.columns) if dataset else None, stop_step=stop, total_steps=total, layout=L,
         adapted=adapted, save_steps=save_steps, resume=resume,
         eval_dataset_dir=eval_dataset.folder if eval_dataset else "",
@@ -120,8 +126,8 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout
     env = run_env(exp, resume)
     if exp.launch.compile_cache:
         from qwen15_exp.compile_cache import cache_env
-        env.update(cache_env(cfg, run_dir if L.executes else Path("."), env, L.executes))
-    return Plan(run_dir=run_dir, layout=L, steps=steps, params_total=total_params(exp.model),
+        env.update(cache_env(cfg, run_dir if choice.executes else Path("."), env, choice.executes))
+    return Plan(run_dir=run_dir, layout=L, choice=choice, steps=steps, params_total=total_params(exp.model),
                 params_trainable=trainable_params(exp.model, exp.phase.lora) if exp.phase.trains else 0,
-                memory=memory or estimate_memory(exp, L), throughput=throughput, mindformers=cfg,
+                memory=memory or estimate_memory(exp, L, adapted), throughput=throughput, mindformers=cfg,
                 adaptations=list(adapted.notes), env=env, save_steps=save_steps)

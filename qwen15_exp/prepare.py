@@ -18,7 +18,7 @@ from qwen15_exp.errors import UserError
 
 
 def task(cfg) -> None:
-    from qwen15_exp.data.prepare import prepare, summary_lines
+    from qwen15_exp.data.cache import prepare, summary_lines
     job = OmegaConf.to_object(cfg)
     data = absolutize_data(job.data)
     out = Path(absolute_path(job.output)) if job.output else None

@@ -16,6 +16,8 @@ from hydra.experimental.callback import Callback
 
 from qwen15_exp.atomic import atomic_path, write_text
 from qwen15_exp.lifecycle import first_line, run_status
+from qwen15_exp.ranks import spearman, tied_ranks
+from qwen15_exp import run_files
 
 COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
            "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits",
@@ -65,7 +67,7 @@ def row_of(job: str, result: dict) -> dict:
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Every job of the sweep that got as far as Hydra's job folder, in job order."""
     dirs = {p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/config.yaml")}
-    dirs |= {p.parent for p in Path(sweep_dir).glob("*/result.json")}
+    dirs |= {p.parent for p in Path(sweep_dir).glob(f"*/{run_files.RESULT}")}
     return sorted(dirs, key=lambda d: (len(d.name), d.name))
 
 
@@ -79,33 +81,6 @@ def accuracy(rows: list[dict], key: str) -> dict | None:
     if not errors:
         return None
     return {"n": len(errors), "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors)}
-
-
-def resolved(values: list[float], resolution: float) -> list[float]:
-    """The values, in their order, with each run of them within `resolution` (a share) below the highest of
-    the run made equal to it: estimates the estimator cannot tell apart tie (a tie takes the mean rank)."""
-    out, top = list(values), None
-    for i in sorted(range(len(values)), key=lambda i: -values[i]):
-        if top is None or values[i] * (1 + resolution) < top:
-            top = values[i]
-        out[i] = top
-    return out
-
-
-def tied_ranks(values: list[float], resolution: float) -> list[str]:
-    """1 for the highest, ties written '2=' (they share the better rank)."""
-    values = resolved(values, resolution)
-    return [f"{1 + sum(w > v for w in values)}" + ("=" if values.count(v) > 1 else "") for v in values]
-
-
-def spearman(xs: list[float], ys: list[float], x_resolution: float = 0.0) -> float | None:
-    """Spearman's rank correlation (scipy's, ties at their mean rank), with xs closer than x_resolution tied;
-    None below 3 pairs or without spread."""
-    xs = resolved(xs, x_resolution)
-    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    from scipy.stats import spearmanr
-    return float(spearmanr(xs, ys).statistic)
 
 
 def ranking(rows: list[dict]) -> list[str]:

@@ -8,6 +8,8 @@ import statistics
 from importlib import metadata
 from pathlib import Path
 
+from qwen15_exp import run_files
+
 
 def versions() -> dict:
     return dict(_installed_versions())
@@ -51,10 +53,8 @@ def measured_figures(losses, step_times, tokens_per_step, devices, first_step_s,
 def measured_from_logs(run_dir, ranks: int, tokens_per_step: int, first_step_s, train_call_s, peak_rss_mb) -> dict:
     """The whole loss curve from the ranks' step logs (every segment of a resumed run, numbered as one
     uninterrupted run): per step the mean loss over ranks and the slowest rank's time (a step ends on all)."""
-    from pathlib import Path
-
     from qwen15_exp.lifecycle import read_steps
-    logs = [read_steps(Path(run_dir) / f"steps_rank{r}.jsonl") for r in range(ranks)]
+    logs = [read_steps(run_files.steps_log(run_dir, r)) for r in range(ranks)]
     by_step = [{rec["step"]: rec for rec in log} for log in logs]
     steps = sorted(set(by_step[0]).intersection(*by_step[1:])) if by_step else []
     losses = [sum(r[s]["loss"] for r in by_step) / len(by_step) for s in steps]
@@ -72,8 +72,7 @@ def measured_from_logs(run_dir, ranks: int, tokens_per_step: int, first_step_s, 
 def eval_log(run_dir, rank: int = 0) -> list[dict]:
     """The evaluations of a run, oldest first (mindformers_ext.TokenPerplexity appends one per evaluation)."""
     import json
-    from pathlib import Path
-    path = Path(run_dir) / f"eval_rank{rank}.jsonl"
+    path = run_files.eval_log_path(run_dir, rank)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]

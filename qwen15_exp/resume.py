@@ -18,6 +18,7 @@ from qwen15_exp.errors import UserError
 from qwen15_exp.lifecycle import STOP_FILE, read_steps, run_status
 
 from qwen15_exp.weights.run_checkpoints import Checkpoint, checkpoint_root, clean_partial, latest_complete
+from qwen15_exp import run_files
 
 
 def _key(override: str) -> str:
@@ -62,7 +63,7 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 
 def check_same_run(exp, run_dir: Path, layout) -> dict:
-    plan_path = run_dir / "plan.json"
+    plan_path = run_dir / run_files.PLAN
     if not plan_path.is_file():
         raise UserError(f"resume={run_dir}: the run never got as far as a plan; start it again instead")
     previous = json.loads(plan_path.read_text())
@@ -83,7 +84,7 @@ def check_same_run(exp, run_dir: Path, layout) -> dict:
 def cut_steps_logs(run_dir: Path, last_step: int) -> None:
     """Drop the steps after the checkpoint from every rank's steps log: they are trained again."""
     from qwen15_exp.atomic import write_text
-    for log in run_dir.glob("steps_rank*.jsonl"):
+    for log in run_dir.glob(run_files.STEPS_GLOB):
         kept = [r for r in read_steps(log) if r["step"] <= last_step]
         write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -1,6 +1,7 @@
 """One run, straight through: compose -> layout -> validate -> data -> weights -> plan -> launch -> result.
 
-The layout (with the launcher decision) and the memory estimate are computed once here and handed on.
+The layout, the hardware adaptations, the launcher decision and the memory estimate are computed once here
+and handed on.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from qwen15_exp import compose
+from qwen15_exp import compose, run_files
+from qwen15_exp.adapt import adapt
 from qwen15_exp.atomic import write_json, write_text
 from qwen15_exp.errors import UserError
 from qwen15_exp.estimate.memory import estimate_memory
+from qwen15_exp.launch import launch
+from qwen15_exp.launch.choose import choose_launcher
 from qwen15_exp.layout import layout_of
 from qwen15_exp.lifecycle import RunInterrupted, StopRequest, classify_failure, first_line, stop_on_signals
 from qwen15_exp.plan import Dataset, make_plan
@@ -52,7 +56,7 @@ def dataset_of(data, width: int, what: str, show_progress: bool) -> Dataset:
             raise UserError(f"{data.input} holds rows of {got} tokens, but {what} needs rows of {width} "
                             f"(data.seq_length={data.seq_length}); prepare it again with that width")
         return Dataset(str(folder), tuple(columns), rows)
-    from qwen15_exp.data.prepare import prepare, summary_lines
+    from qwen15_exp.data.cache import prepare, summary_lines
     prepared = prepare(data, width - 1, show_progress=show_progress)
     if show_progress or not prepared.reused:
         print(f"{what}: {'reused the cached' if prepared.reused else 'prepared'} MindRecord {prepared.folder}")
@@ -66,12 +70,12 @@ def write_predict_files(plan, exp) -> None:
     from qwen15_exp.data.chatml import chat_prompt, eos_token
     from qwen15_exp.data.tokenizer import save_tokenizer_json
     run_dir = Path(plan.run_dir)
-    save_tokenizer_json(run_dir / "tokenizer.json", exp.data.tokenizer_dir or None)
+    save_tokenizer_json(run_dir / run_files.TOKENIZER, exp.data.tokenizer_dir or None)
     prompts = list(exp.phase.predict_data)
     if exp.phase.chat:
         prompts = [chat_prompt(exp.phase.system_prompt, p) for p in prompts]
     g = exp.phase.generation
-    write_json(run_dir / "predict_data.json", {
+    write_json(run_dir / run_files.PREDICT_DATA, {
         "inputs": prompts, "eos_token": eos_token(exp.phase.chat),
         "max_length": g.max_decode_length if g.max_new_tokens is None else None})
 
@@ -80,42 +84,13 @@ def dump_yaml(obj) -> str:
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
 
 
-def launch(plan, exp, yaml_path: Path, request) -> dict:
-    """The launch step: in this process (Trainer or generate) or through msrun."""
-    if plan.launcher == "local" and exp.phase.run_mode == "eval":
-        from qwen15_exp.launch.local import run_local
-        launched = run_local(plan, yaml_path, request)
-        return {"measured": {**final_eval(plan.run_dir), "seconds": round(launched["train_call_s"], 3),
-                             "peak_rss_mb": round(launched["peak_rss_mb"], 1)}}
-    if plan.launcher == "local" and exp.phase.export:
-        from qwen15_exp.launch.export import run_export
-        return {"measured": run_export(plan, exp)}
-    if plan.launcher == "local" and exp.phase.run_mode == "predict":
-        from qwen15_exp.launch.local import run_predict
-        measured, generated = run_predict(plan, exp)
-        return {"measured": measured, "generated": generated}
-    if plan.launcher == "local":
-        from qwen15_exp.launch.local import run_local
-        return run_local(plan, yaml_path, request)
-    from qwen15_exp.launch.msrun import run_msrun
-    return run_msrun(plan, exp, yaml_path, request)
-
-
-def final_eval(run_dir: Path) -> dict:
-    from qwen15_exp.result import eval_log
-    records = eval_log(run_dir)
-    if not records:
-        raise RuntimeError(f"the evaluation wrote no figures ({Path(run_dir) / 'eval_rank0.jsonl'} is missing)")
-    r = records[-1]
-    return {"eval_loss": r["loss"], "perplexity": r["PPL"], "eval_tokens": r["tokens"], "eval_rows": r["batches"]}
-
-
-def training_figures(plan, launched: dict, t_ref: float) -> dict:
+def training_figures(plan, launched, process_start: float) -> dict:
+    """The loss curve and step times from the ranks' step logs, with what only the launcher knew."""
     from qwen15_exp.result import measured_from_logs
-    first = launched.get("first_step_unix")
+    first = launched.first_step_unix if launched else None
     return measured_from_logs(plan.run_dir, plan.layout.devices, plan.layout.tokens_per_step,
-                              first - t_ref if first else None, launched.get("train_call_s", 0.0),
-                              launched.get("peak_rss_mb", 0.0))
+                              first - process_start if first else None, launched.call_s if launched else 0.0,
+                              launched.peak_rss_mb if launched else 0.0)
 
 
 def checkpoint_info(run_dir: Path, ranks: int) -> dict | None:
@@ -124,59 +99,67 @@ def checkpoint_info(run_dir: Path, ranks: int) -> dict | None:
     return {"step": point.step, "file": point.files[0]} if point else None
 
 
-def run(cfg, run_dir: Path, process_t0: float | None = None, show_progress: bool = True,
+def run(cfg, run_dir: Path, process_start: float | None = None, show_progress: bool = True,
         brief: bool = False) -> dict:
     """One run, start to end. Whatever stops it, result.json says how it ended (ok, planned, interrupted,
     failed, invalid); the exception, if any, goes on to the caller after that. The summary goes to
-    <run_dir>/summary.txt and the terminal; `brief` (a sweep's job) shows one line instead."""
-    from qwen15_exp.launch.local import reset_peak_rss
+    <run_dir>/summary.txt and the terminal; `brief` (a sweep's job) shows one line instead.
+    `process_start` (time.time() when the process started) is what "first step at" counts from; without
+    it, from this call."""
+    from qwen15_exp.launch.start import reset_peak_rss
     reset_peak_rss()                      # each job of a sweep its own peak
     t0 = time.time()
-    t_ref = process_t0 or t0              # "first step at" counts from the process start for its first job
+    process_start = process_start or t0
     run_dir = Path(run_dir)
     result: dict = {"status": "starting", "run_dir": str(run_dir), "config_sha": config_sha(cfg)}
     request = StopRequest()
     try:
         with stop_on_signals(request):        # before training starts, a signal stops the run at once
-            plan_and_execute(cfg, run_dir, result, request, t_ref, show_progress)
+            plan_and_execute(cfg, run_dir, result, request, process_start, show_progress)
     except RunInterrupted as e:
-        end(result, "interrupted", f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}", t0)
+        record_unfinished(result, "interrupted",
+                          f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}", t0)
         raise
     except UserError as e:
-        end(result, "invalid", str(e), t0)
+        record_unfinished(result, "invalid", str(e), t0)
         raise
     except Exception as e:
-        end(result, "failed", f"{type(e).__name__}: {e}", t0)
+        record_unfinished(result, "failed", f"{type(e).__name__}: {e}", t0)
         raise
     result["wall_time_s"] = round(time.time() - t0, 3)
-    write_json(run_dir / "result.json", result)
+    write_json(run_dir / run_files.RESULT, result)
     summary = summary_text(result)
-    write_text(run_dir / "summary.txt", summary + "\n")
+    write_text(run_dir / run_files.SUMMARY, summary + "\n")
     print(job_line(result) if brief else summary, flush=True)
     return result
 
 
-def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, show_progress: bool) -> None:
-    """compose -> layout -> validate -> (resume) -> data -> weights -> plan -> launch, filling `result`."""
+def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: float, show_progress: bool):
+    """compose -> layout -> validate -> (resume) -> data -> weights -> plan -> launch, filling `result`.
+    The layout, the hardware adaptations, the launch choice and the memory estimate are computed once here
+    and handed to every step. Returns the plan."""
     exp = compose.to_experiment(cfg)
     result.update(experiment=exp.experiment_name, model=exp.model.name, phase=exp.phase.name,
                   hardware=exp.hardware.name)
     layout = layout_of(exp)
+    adapted = adapt(exp)
+    choice = choose_launcher(exp, layout)
     result["parallel"] = layout.name
-    memory = estimate_memory(exp, layout)
-    problems = validate(exp, layout, memory)
+    memory = estimate_memory(exp, layout, adapted)
+    problems = validate(exp, layout, memory, choice.executes)
     if problems:
         raise InvalidExperiment(problems)
     resume = None
     if exp.resume:
         from qwen15_exp.resume import resume_point
         resume = resume_point(exp, run_dir, layout)
-    dataset = prepare_dataset(exp, show_progress) if layout.executes else None
-    eval_dataset = prepare_eval_dataset(exp, show_progress) if layout.executes else None
+    dataset = prepare_dataset(exp, show_progress) if choice.executes else None
+    eval_dataset = prepare_eval_dataset(exp, show_progress) if choice.executes else None
     resolve_checkpoint(exp, layout.devices, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
-    plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume, eval_dataset=eval_dataset)
-    yaml_path = write_text(run_dir / "mindformers.yaml", dump_yaml(plan.mindformers))
-    write_json(run_dir / "plan.json", {**plan.summary(), "model": asdict(exp.model)})
+    plan = make_plan(exp, run_dir, dataset, layout, memory, resume=resume, eval_dataset=eval_dataset,
+                     adapted=adapted, choice=choice)
+    yaml_path = write_text(run_dir / run_files.MINDFORMERS_YAML, dump_yaml(plan.mindformers))
+    write_json(run_dir / run_files.PLAN, {**plan.summary(), "model": asdict(exp.model)})
     if exp.phase.export:
         if exp.hardware.device_target == "Ascend":     # MindSpore Lite's GE options, for the exported graphs
             from qwen15_exp.launch.export import lite_ini
@@ -191,15 +174,15 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, t_ref: float, sh
         result["launch_by"] = "rank_table" if exp.launch.rank_table else "msrun"
         result["status"] = "planned"
     else:
-        execute(plan, exp, yaml_path, result, request, t_ref)
+        execute(plan, exp, yaml_path, result, request, process_start)
     return plan
 
 
-def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> None:
+def execute(plan, exp, yaml_path: Path, result: dict, request, process_start: float) -> None:
     """Launch with result.json saying `running` meanwhile; SIGINT/SIGTERM stop at a step, checkpointed."""
     run_dir, train = Path(plan.run_dir), exp.phase.trains
-    write_json(run_dir / "result.json", {**result, "status": "running", "pid": os.getpid()})
-    launched = {}
+    write_json(run_dir / run_files.RESULT, {**result, "status": "running", "pid": os.getpid()})
+    launched = None
     from qwen15_exp.compile_cache import PATH, cached_graphs, is_shared, prune, reuse_word
     cache = plan.env.get(PATH)
     if cache and is_shared(cache):
@@ -211,10 +194,14 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, t_ref: float) -> 
         if cache:
             result["compile_cache"] = {"dir": cache, "use": reuse_word(graphs_before, cached_graphs(cache))}
         if train:
-            result["measured"] = training_figures(plan, launched, t_ref)
+            result["measured"] = training_figures(plan, launched, process_start)
             result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
     if not train:
-        result.update(launched if "measured" in launched else {"measured": launched})
+        result["measured"] = launched.figures
+        if launched.generated:
+            result["generated"] = launched.generated
+    if launched.node_rank is not None:
+        result.update(node_rank=launched.node_rank, ranks_here=launched.ranks_here)
     if request():
         step = (result.get("checkpoint") or {}).get("step")
         raise RunInterrupted(f"stopped by {request.name}" + (f" at step {step} (checkpoint saved)" if step else ""),
@@ -244,7 +231,7 @@ def recalibrate(result: dict) -> None:
         print(f"note: {note}", flush=True)
 
 
-def end(result: dict, status: str, error: str, t0: float) -> None:
+def record_unfinished(result: dict, status: str, error: str, t0: float) -> None:
     """Write result.json for a run that did not end ok: its status, the first line of the error, its class."""
     from qwen15_exp.launch.msrun import worker_log_tail
     log = worker_log_tail(Path(result["run_dir"]))
@@ -252,4 +239,4 @@ def end(result: dict, status: str, error: str, t0: float) -> None:
                   failure_class=classify_failure(error, log) if status == "failed" else None,
                   wall_time_s=round(time.time() - t0, 3))
     result.pop("pid", None)
-    write_json(Path(result["run_dir"]) / "result.json", result)
+    write_json(Path(result["run_dir"]) / run_files.RESULT, result)

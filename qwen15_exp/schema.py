@@ -220,7 +220,7 @@ class PhaseConfig:
 
 @dataclass
 class Supports:
-    """What a device can execute; plan.py adapts a run to it and says so."""
+    """What a device can execute; adapt.py adapts a run to it and says so (one note per change)."""
     bfloat16: bool = True
     float16: bool = True
     flash_attention: bool = True
@@ -318,7 +318,7 @@ class TuneOptions:
     global_batch: Optional[int] = None    # samples per step; None: the job's own (batch x dp x accumulation)
     top_k: int = 5
     name: str = ""                        # experiment/tuned/<name>.yaml; "" = from model, phase, hardware, budget
-    config_dir: str = ""                  # config folder it goes into ("" = the package's conf/)
+    config_dir: str = ""                  # config folder it goes into ("" = <output root>/conf, on the search path)
     measure: bool = False                 # run the top k for measure_steps steps here and rank by measurement
     measure_steps: int = 8
 

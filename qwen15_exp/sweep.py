@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from qwen15_exp.lifecycle import run_status
+from qwen15_exp import run_files
 
 KEEP = ("ok", "planned")
 CONTINUE = ("interrupted", "killed")
@@ -30,6 +31,6 @@ def finished_result(run_dir: str | Path, cfg) -> dict | None:
         return None
     if previous.get("status") in KEEP and previous.get("config_sha"):
         return previous
-    if previous.get("status") in CONTINUE and (Path(run_dir) / "plan.json").is_file():
+    if previous.get("status") in CONTINUE and (Path(run_dir) / run_files.PLAN).is_file():
         cfg.resume = str(run_dir)
     return None

@@ -20,8 +20,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from qwen15_exp.lifecycle import run_status
+from qwen15_exp import run_files
 
-ARTIFACTS = ("mindformers.yaml", "plan.json", "result.json")
+ARTIFACTS = (run_files.MINDFORMERS_YAML, run_files.PLAN, run_files.RESULT)
 SWEEP_ARTIFACTS = ("sweep_report.md", "sweep_report.csv", "sweep_report.png")
 PARAM_VALUE_MAX = 6000            # MLflow's limit on a parameter's value
 BATCH, METRIC_BATCH = 100, 1000   # MLflow's limits on params and metrics per log_batch call

@@ -29,8 +29,8 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_ranges(exp) -> list[Problem]:
-    """Numbers that must be positive (the allowed words are Enums in the schema, checked at compose time)."""
+def check_numbers(exp) -> list[Problem]:
+    """Numbers that must be in range (the allowed words are Enums in the schema, checked at compose time)."""
     out = []
     counts = [("parallel", key) for _, key in DEGREE_KEYS] + [
         ("parallel", "micro_batch_num"), ("parallel", "micro_batch_interleave_num"),
@@ -59,7 +59,6 @@ def check_ranges(exp) -> list[Problem]:
                            "e.g. phase.checkpoint.save_steps=500 or phase.checkpoint.every_minutes=10"))
     lora = exp.phase.lora
     if lora is not None:
-        import re
         if lora.rank < 1 or lora.alpha <= 0 or not (0 <= lora.dropout < 1):
             out.append(Problem("phase", "phase.lora", f"rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}",
                                "use rank >= 1, alpha > 0 and 0 <= dropout < 1 (e.g. rank 8, alpha 16, dropout 0.05)"))
@@ -68,6 +67,16 @@ def check_ranges(exp) -> list[Problem]:
         except re.error as e:
             out.append(Problem("phase", "phase.lora.target_modules", f"{lora.target_modules!r} is not a regex: {e}",
                                "use MindFormers' form, e.g. '.*wq|.*wk|.*wv|.*wo'"))
+    off = exp.parallel.offset
+    if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
+        out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",
+                           "use parallel.offset=0 or one integer per pipeline stage, e.g. [-1,1,1,-1]"))
+    return out
+
+
+def check_phase_inputs(exp) -> list[Problem]:
+    """What the phase needs and whether its own files exist: eval data, weights to score, adapters, export."""
+    out = []
     ev = exp.phase.eval
     if ev.every_steps is not None and (ev.every_steps < 1 or not ev.input):
         out.append(Problem("phase", "phase.eval", f"every_steps={ev.every_steps}, input={ev.input!r}",
@@ -90,10 +99,6 @@ def check_ranges(exp) -> list[Problem]:
                                f"phase.load_checkpoint={exp.phase.load_checkpoint!r}",
                                "set phase.load_checkpoint to the base checkpoint or Hugging Face folder the "
                                "adapters were trained on (they are merged here, before the launch)"))
-    off = exp.parallel.offset
-    if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
-        out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",
-                           "use parallel.offset=0 or one integer per pipeline stage, e.g. [-1,1,1,-1]"))
     if exp.hardware.device_target == "auto":
         out.append(Problem("hardware", "hardware.device_target", "auto is only for the hardware=auto profile",
                            "choose hardware=cpu, hardware=atlas_800t_a2 or hardware=atlas_900_a2_podc"))
@@ -254,9 +259,9 @@ def check_memory(exp, L, est) -> list[Problem]:
         "optimizer or recompute (phase.recompute.recompute=true), or shorten data.seq_length")]
 
 
-def check_files(exp, L) -> list[Problem]:
+def check_files(exp, executes: bool) -> list[Problem]:
     out = []
-    d, executes = exp.data, L.executes
+    d = exp.data
     # a plan's data lives on the cluster: its path is taken as given (or passed to the launch script)
     if exp.phase.run_mode != "predict" and d.format != "none" and (executes or d.input):
         if not d.input:
@@ -291,10 +296,10 @@ def check_rank_table(exp, L) -> list[Problem]:
             for issue in issues]
 
 
-def check_tokenizer(exp, L) -> list[Problem]:
+def check_tokenizer(exp, executes: bool) -> list[Problem]:
     from qwen15_exp.data.tokenizer import tokenizer_files
     needs_tokenizer = exp.data.format in ("alpaca", "chatml", "wiki") or exp.phase.run_mode == "predict"
-    if not (L.executes and needs_tokenizer):
+    if not (executes and needs_tokenizer):
         return []
     try:
         tokenizer_files(exp.data.tokenizer_dir or None)
@@ -325,12 +330,16 @@ def check_formats(exp) -> list[Problem]:
     return out
 
 
-def validate(exp, layout=None, memory=None) -> list[Problem]:
-    """Every problem of the experiment. A run hands in its layout and memory estimate (computed once)."""
-    problems = check_ranges(exp) + check_formats(exp)
+def validate(exp, layout=None, memory=None, executes: bool | None = None) -> list[Problem]:
+    """Every problem of the experiment. A run hands in its layout, memory estimate and whether it executes
+    here (computed once); alone, they are computed here."""
+    problems = check_numbers(exp) + check_phase_inputs(exp) + check_formats(exp)
     if problems:                      # the remaining checks assume sane values
         return problems
     L = layout or layout_of(exp)
+    if executes is None:
+        from qwen15_exp.launch.choose import choose_launcher
+        executes = choose_launcher(exp, L).executes
     problems += check_devices(exp, L)
     problems += check_model_vs_parallel(exp, L)
     problems += check_lora_targets(exp)
@@ -340,9 +349,9 @@ def validate(exp, layout=None, memory=None) -> list[Problem]:
                                 "(the seed's multi-card export needs MindFormers' distributed predict network)"))
     if not problems:
         problems += check_memory(exp, L, memory or estimate_memory(exp, L))
-    problems += check_files(exp, L)
+    problems += check_files(exp, executes)
     problems += check_rank_table(exp, L)
-    problems += check_tokenizer(exp, L)
+    problems += check_tokenizer(exp, executes)
     return problems
 
 

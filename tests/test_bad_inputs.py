@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_experiment, read_json, run_cli
+from helpers import make_experiment, read_json, run_cli
 from qwen15_exp.weights.shapes import expected_shapes
 from qwen15_exp.weights.names import MF_TO_HF, rename
 from qwen15_exp.weights.tensors import write_streaming

@@ -6,7 +6,7 @@ import pytest
 from qwen15_exp.chat import ChatSession, interactive
 from qwen15_exp.data.chatml import cut_at_stop, make_context
 from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer
-from conftest import only_run_dir, read_json, run_cli
+from helpers import only_run_dir, read_json, run_cli
 
 TOK = load_tokenizer()
 
@@ -81,7 +81,7 @@ def test_chat_batch_and_predict_run_on_cpu(tmp_path):
 def test_chat_generation_ends_where_a_reply_ends():
     """In the chat template generation stops at <|im_end|> and at a new <|im_start|> (what cut_at_stop cuts),
     whatever phase.generation.eos_token_id lists; plain predict keeps its eos ids."""
-    from conftest import make_experiment
+    from helpers import make_experiment
     from qwen15_exp.launch.generate import generation_kwargs
     chat = generation_kwargs(make_experiment(["phase=chat", "phase.generation.eos_token_id=[151643]"]))
     assert chat["eos_token_id"] == [151643, 151645, 151644]

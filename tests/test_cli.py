@@ -1,7 +1,7 @@
 """The command line as a user meets it: help, --cfg, plans for big models, clear errors with exit code 2."""
 import pytest
 
-from conftest import only_run_dir, read_json, run_cli
+from helpers import only_run_dir, read_json, run_cli
 
 
 def test_help_lists_the_groups(tmp_path):

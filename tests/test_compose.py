@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from qwen15_exp.compose import group_options
 from qwen15_exp.estimate.memory import total_params
 from qwen15_exp.schema import Experiment
-from conftest import compose_cfg, make_experiment
+from helpers import compose_cfg, make_experiment
 
 SIZES = ["0_5b", "1_8b", "4b", "7b", "14b", "32b", "72b"]
 # (hidden, layers, heads, kv heads, intermediate, vocab, theta, eps, tied) of each official size

@@ -11,7 +11,7 @@ import pytest
 
 from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
 from qwen15_exp.weights.tensors import bf16_to_f32, f32_to_bf16, read_header
-from conftest import make_experiment, run_cli
+from helpers import make_experiment, run_cli
 
 torch = pytest.importorskip("torch")
 VARIANTS = {"untied": ["model.tie_word_embeddings=false"], "tied": ["model.tie_word_embeddings=true"],
@@ -146,7 +146,7 @@ def test_a_run_finetunes_from_hugging_face_weights(tmp_path):
                 env={"HOME": str(tmp_path)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "converting Hugging Face weights" in r.stdout
-    from conftest import only_run_dir, read_json
+    from helpers import only_run_dir, read_json
     result = read_json(only_run_dir(tmp_path) / "result.json")
     # random-init loss is ~ln(151936) = 11.93; the converted weights give a different first loss
     assert result["status"] == "ok" and abs(result["measured"]["first_loss"] - 11.93) > 0.05
@@ -158,7 +158,7 @@ def test_a_run_finetunes_from_hugging_face_weights(tmp_path):
 @pytest.mark.slow
 def test_our_safetensors_trains_and_predicts_as_load_checkpoint(tmp_path):
     """The converter's .safetensors is a checkpoint like any other: no extra key to train or predict from it."""
-    from conftest import read_json
+    from helpers import read_json
     make_hf_model(tmp_path / "hf", VARIANTS["tied"])
     weights = tmp_path / "tiny.safetensors"
     r = run_cli(["direction=hf2mf", f"input={tmp_path / 'hf'}", f"output={weights}", "progress=false"], tmp_path,

@@ -1,13 +1,11 @@
 """Real runs of the tiny model on this CPU through MindFormers' own Trainer (slow: tens of seconds)."""
-import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import yaml
 
-from conftest import only_run_dir, read_json, run_cli
+from helpers import only_run_dir, read_json, run_cli
 
 pytestmark = pytest.mark.slow
 STEPS = 24

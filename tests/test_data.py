@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qwen15_exp.data import alpaca, chatml, wiki
-from qwen15_exp.data.prepare import prepare
+from qwen15_exp.data.cache import prepare
 from qwen15_exp.data.tokenizer import IM_END_ID, IM_START_ID, PAD_ID, load_bulk_encoder, load_tokenizer
 from qwen15_exp.errors import UserError
 from qwen15_exp.schema import DataConfig
@@ -290,7 +290,7 @@ def test_sharded_output(tmp_path):
 
 
 def test_prepare_command_writes_chatml_and_mindrecord(tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
     src = write_alpaca(tmp_path, [{"instruction": "Q", "input": "x", "output": "A"}] * 4)
     r = run_cli(["data=alpaca", f"data.input={src}", "data.seq_length=64", f"output={tmp_path / 'mr'}",
                  f"chatml_output={tmp_path / 'conv.jsonl'}"], tmp_path, module="qwen15_exp.prepare")

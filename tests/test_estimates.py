@@ -6,7 +6,7 @@ import pytest
 from qwen15_exp.estimate.memory import GB, estimate_memory, layer_activation_bytes, params_per_device, stage_layers
 from qwen15_exp.estimate.throughput import estimate_predict, estimate_train, matmul_params, train_flops_per_token
 from qwen15_exp.compose import group_options
-from conftest import make_experiment
+from helpers import make_experiment
 
 def test_activation_memory_per_layer_of_a_qwen_layer():
     """Counted by hand for Qwen1.5-7B (h 4096, f 11008, 32 heads, no GQA) at s 4096, b 1, 16-bit."""

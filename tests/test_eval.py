@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import make_experiment, only_run_dir, read_json, run_cli
+from helpers import make_experiment, only_run_dir, read_json, run_cli
 from qwen15_exp.plan import make_plan
 from qwen15_exp.validate import validate
 

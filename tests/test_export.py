@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import yaml
 
-from conftest import make_experiment, only_run_dir, read_json, run_cli
+from helpers import make_experiment, only_run_dir, read_json, run_cli
 from qwen15_exp.validate import validate
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import make_experiment, run_cli
+from helpers import make_experiment, run_cli
 from qwen15_exp.launch.msrun import msrun_args, write_launch_files
 from qwen15_exp.plan import make_plan
 from qwen15_exp.result import summary_text

@@ -8,7 +8,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import only_run_dir, read_json, run_cli
+from helpers import only_run_dir, read_json, run_cli
 
 FAKE_MSRUN = """#!/usr/bin/env python3
 import json, os, sys

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_experiment
+from helpers import make_experiment
 from qwen15_exp.estimate.memory import estimate_memory, trainable_params
 from qwen15_exp.estimate.throughput import train_flops_per_token
 from qwen15_exp.plan import make_plan
@@ -66,7 +66,7 @@ def test_lora_on_cpu_trains_only_the_adapters(tmp_path, monkeypatch):
 
     from safetensors.numpy import load_file
 
-    from conftest import read_json, run_cli
+    from helpers import read_json, run_cli
     from qwen15_exp.compose import sample_path
     from qwen15_exp.weights.shapes import expected_shapes
 
@@ -122,7 +122,7 @@ def check_peft_round_trip(tmp_path, run_dir, base_file, merged):
     from safetensors.numpy import load_file
     from transformers import Qwen2ForCausalLM
 
-    from conftest import run_cli
+    from helpers import run_cli
     from qwen15_exp.weights.adapters import with_adapters
     peft_dir, hf_base = tmp_path / "peft_adapter", tmp_path / "hf_base"
     r = run_cli(["direction=lora_peft", f"input={run_dir}", f"output={peft_dir}", "progress=false"], tmp_path,

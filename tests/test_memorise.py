@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_json, run_cli
+from helpers import read_json, run_cli
 from qwen15_exp.compose import sample_path
 from qwen15_exp.data.alpaca import alpaca_user_turn
 

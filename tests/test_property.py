@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qwen15_exp.compose import group_options, to_experiment
 from qwen15_exp.plan import make_plan
 from qwen15_exp.validate import validate
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 MODELS = group_options("model")
 PHASES = group_options("phase")

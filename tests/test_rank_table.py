@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import only_run_dir, read_json, run_cli
+from helpers import only_run_dir, read_json, run_cli
 
 FAKE_HCCN = """#!/usr/bin/env bash
 # hccn_tool -i <id> -ip -g
@@ -107,7 +107,7 @@ def test_hostile_table_paths_and_server_ids_stay_text(tmp_path):
     table.write_text(json.dumps({"version": "1.0", "server_count": "1", "status": "completed", "server_list": [
         {"server_id": f"x\ntouch {marker}\n\"; touch {marker}; \"", "device": [
             {"device_id": "0", "device_ip": "192.1.27.6", "rank_id": "0"}]}]}))
-    from conftest import make_experiment
+    from helpers import make_experiment
     from qwen15_exp.launch.msrun import write_launch_files
     from qwen15_exp.plan import make_plan
     from qwen15_exp.validate import validate

@@ -11,7 +11,7 @@ import pytest
 from qwen15_exp.compose import group_options
 from qwen15_exp.plan import make_plan
 from qwen15_exp.validate import validate
-from conftest import make_experiment
+from helpers import make_experiment
 
 T, F = True, False
 BF16, FP16, FP32 = "bfloat16", "float16", "float32"

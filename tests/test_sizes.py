@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from qwen15_exp.estimate.memory import total_params
-from conftest import make_experiment
+from helpers import make_experiment
 
 pytestmark = pytest.mark.slow
 

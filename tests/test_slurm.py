@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import read_json, run_cli
+from helpers import read_json, run_cli
 from slurm_cluster import Cluster, install
 
 

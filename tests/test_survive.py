@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import read_json, run_cli
+from helpers import read_json, run_cli
 
 STEPS = 12
 COMMON = ["hardware=cpu", f"phase.max_steps={STEPS}", "phase.checkpoint.save_steps=3"]

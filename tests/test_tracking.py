@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import read_json, run_cli
+from helpers import read_json, run_cli
 from qwen15_exp.launch.msrun import free_port
 from qwen15_exp.tracking import flat_params, step_metrics, summary_metrics
 

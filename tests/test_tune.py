@@ -4,12 +4,12 @@ from collections import Counter
 
 import pytest
 
-from conftest import make_experiment, run_cli
-from qwen15_exp import tune
+from helpers import make_experiment, run_cli
+from qwen15_exp import search
 from qwen15_exp.compose import group_options
 from qwen15_exp.estimate.memory import estimate_memory
 from qwen15_exp.layout import layout_of
-from qwen15_exp.report import resolved, spearman, tied_ranks
+from qwen15_exp.ranks import resolved, spearman, tied_ranks
 from qwen15_exp.validate import validate
 
 
@@ -20,7 +20,7 @@ def split(c):
 def test_the_search_space_of_a_small_case_is_the_hand_enumeration():
     # tiny: 2 layers, 4 heads; 4 devices of an 8-device node; a global batch of 4 samples
     exp = make_experiment(["model=tiny", "hardware=atlas_800t_a2"])
-    space = list(tune.search_space(exp, 4, 4))
+    space = list(search.search_space(exp, 4, 4))
     kept = [c for c, _ in space if c is not None]
     # (dp, mp, pp, micro-batch size, micro-batches, interleave): mp divides the heads; pp <= 2 layers; a
     # pipeline needs at least pp micro-batches; dp x batch x interleave x micro-batches = 4 samples; under
@@ -42,16 +42,16 @@ def test_the_search_space_of_a_small_case_is_the_hand_enumeration():
 
 def test_uneven_pipelines_get_a_searched_offset():
     # 80 layers over 3 stages: MindFormers' split [26, 27, 27]; lm_head's work moves layers off the last stage
-    offset = tune.balanced_offset(80, 3, 2.0)
+    offset = search.balanced_offset(80, 3, 2.0)
     assert offset != 0 and sum(offset) == 0 and offset[-1] < 0
 
 
 def test_every_kept_layout_passes_validate_and_fits():
     exp = make_experiment(["model=7b", "phase=finetune", "hardware=atlas_800t_a2", "data.seq_length=4096"])
-    result = tune.tune(exp, 16, 32)
+    result = search.tune(exp, 16, 32)
     assert result.kept and result.searched == len(result.kept) + sum(result.rejected.values())
     for s in result.kept:
-        run = tune.apply(exp, s.candidate)
+        run = search.apply(exp, s.candidate)
         assert validate(run) == [], tune.describe(s.candidate)
         assert estimate_memory(run).fits and layout_of(run).global_batch == 32 and layout_of(run).devices == 16
     speeds = [s.tokens_per_s for s in result.kept]
@@ -67,7 +67,7 @@ def test_the_published_layout_of_each_row_is_feasible_and_in_the_top_10(row):
     exp = make_experiment([f"+table={row}"])
     L = layout_of(exp)
     assert estimate_memory(exp).fits, "our own memory check must not reject a published layout"
-    result = tune.tune(exp, L.devices, L.global_batch)
+    result = search.tune(exp, L.devices, L.global_batch)
     top = [(s.candidate.dp, s.candidate.mp, s.candidate.pp) for s in result.best[:10]]
     assert (L.data_parallel, L.model_parallel, L.pipeline_stage) in top, (row, top)
 
@@ -103,6 +103,42 @@ def test_tune_writes_an_experiment_that_plans_its_ranks_as_a_sweep(tmp_path):
 def test_bad_tune_requests_are_explained(tmp_path, args, says):
     r = run_cli(args, tmp_path, module="qwen15_exp.tune")
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_tune_writes_under_the_output_root_and_suggests_commands_without_its_own_run_dir(tmp_path):
+    """By default the experiment goes under <outputs>/conf (never the package's conf/), which is on Hydra's
+    search path: `+experiment=tuned/<name>` composes with no --config-dir. The suggested commands repeat the
+    job's overrides, not tune's hydra.run.dir (every suggested run would write into tune's folder)."""
+    from qwen15_exp.compose import conf_dir
+    r = run_cli(["model=7b", "phase=finetune", "hardware=atlas_800t_a2", "tune.devices=8", "tune.global_batch=16",
+                 "tune.top_k=2", "tune.name=mine", f"hydra.run.dir={tmp_path / 'tune_dir'}"], tmp_path,
+                module="qwen15_exp.tune")
+    assert r.returncode == 0, r.stderr
+    written = tmp_path / "outputs" / "conf" / "experiment" / "tuned"
+    assert (written / "mine.yaml").is_file() and sorted(p.name for p in (written / "mine").iterdir()) == \
+        ["rank1.yaml", "rank2.yaml"]
+    assert not (conf_dir() / "experiment" / "tuned" / "mine.yaml").exists()
+    commands = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith("python -m qwen15_exp ")]
+    assert len(commands) == 2 and not any("hydra.run.dir" in c or "tune." in c for c in commands), commands
+    assert "python -m qwen15_exp -m +experiment=tuned/mine" in r.stdout and "--config-dir" not in r.stdout
+    r = run_cli(["-m", "+experiment=tuned/mine"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "outputs" / "multirun").rglob("result.json"))) == 2
+
+
+def test_no_layout_for_the_global_batch_suggests_global_batches_that_fit(tmp_path):
+    """72B finetune's own global batch is 1 with the single layout: on 32 devices no data-parallel degree divides
+    it. The advice names the global batch and values of tune.global_batch that admit layouts (not 'a smaller
+    global batch'), and each suggested value does."""
+    r = run_cli(["model=72b", "phase=finetune", "hardware=atlas_800t_a2", "tune.devices=32"], tmp_path,
+                module="qwen15_exp.tune")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "global batch 1" in r.stderr and "smaller global batch" not in r.stderr
+    suggested = [int(x) for x in r.stderr.split("tune.global_batch=")[-1].split()[0::2]]
+    assert suggested and all(gb > 1 for gb in suggested)
+    exp = make_experiment(["model=72b", "phase=finetune", "hardware=atlas_800t_a2"])
+    assert all(search.tune(exp, 32, gb).kept for gb in suggested)
+    assert not search.tune(exp, 32, 1).kept
 
 
 def test_spearman():

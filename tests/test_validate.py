@@ -2,7 +2,7 @@
 import pytest
 
 from qwen15_exp.validate import format_problems, validate
-from conftest import make_experiment
+from helpers import make_experiment, run_cli
 
 ASCEND = "hardware=atlas_800t_a2"
 
@@ -98,3 +98,10 @@ def test_bad_choices_fail_at_compose_naming_the_allowed_values(override, allowed
     with pytest.raises(ConfigCompositionException) as e:
         make_experiment([override])
     assert allowed in str(e.value.__cause__)
+
+
+def test_missing_tokenizer_dir_is_a_clear_error(tmp_path):
+    r = run_cli(["data.tokenizer_dir=/nonexistent"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "data.tokenizer_dir" in r.stderr and "/nonexistent/vocab.json" in r.stderr
+    assert not list((tmp_path / "outputs").rglob("mindformers.yaml"))

@@ -207,9 +207,10 @@ def kv_cache_bytes(exp, layout, dtype_bytes: int) -> float:
     return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / layout.model_parallel
 
 
-def estimate_memory(exp, layout=None) -> MemoryEstimate:
-    """Per-device memory of the run as the target hardware will execute it (after the adaptations)."""
-    return _estimate(exp, layout or layout_of(exp), adapt(exp))
+def estimate_memory(exp, layout=None, adapted=None) -> MemoryEstimate:
+    """Per-device memory of the run as the target hardware will execute it (after the adaptations); a run
+    hands in the layout and adaptations it computed once."""
+    return _estimate(exp, layout or layout_of(exp), adapted or adapt(exp))
 
 
 def _estimate(exp, layout, adapted) -> MemoryEstimate:

@@ -109,7 +109,7 @@ class StageWork:
         return self.matmul + self.memory + self.launch
 
 
-def layer_and_head_work(exp, layout, c: dict, peak: float, act_bytes: int) -> tuple[StageWork, StageWork]:
+def layer_and_head_work(exp, layout, adapted, c: dict, peak: float, act_bytes: int) -> tuple[StageWork, StageWork]:
     """One micro-batch's forward and backward through one decoder layer, and through lm_head and the loss
     (the last stage's extra)."""
     m, ph, p = exp.model, exp.phase, exp.parallel
@@ -128,7 +128,7 @@ def layer_and_head_work(exp, layout, c: dict, peak: float, act_bytes: int) -> tu
         layer_flops, layer_bytes = layer_flops + f * gemm_passes, layer_bytes + by * gemm_passes
     # causal attention: forward 2 b s^2 h / t FLOPs; a flash-attention backward recomputes the scores (2.5x
     # the forward), a plain one keeps them (2x) and moves the b a s^2 fp32 score matrix instead
-    flash = adapt(exp).flash_attention
+    flash = adapted.flash_attention
     attn_flops = 2 * b * s * s * m.hidden_size / t * (forwards + (2.5 if flash else 2.0))
     if not flash:
         layer_bytes += b * m.num_heads / t * s * s * 4 * 4 * (forwards + 1)
@@ -147,9 +147,9 @@ def layer_and_head_work(exp, layout, c: dict, peak: float, act_bytes: int) -> tu
     return layer, head
 
 
-def stage_works(exp, layout, c: dict, peak: float, act_bytes: int) -> list[StageWork]:
+def stage_works(exp, layout, adapted, c: dict, peak: float, act_bytes: int) -> list[StageWork]:
     """Each pipeline stage: its layers (with `offset`), lm_head on the last."""
-    layer, head = layer_and_head_work(exp, layout, c, peak, act_bytes)
+    layer, head = layer_and_head_work(exp, layout, adapted, c, peak, act_bytes)
     layers = stage_layers(exp.model.num_layers, layout.pipeline_stage, exp.parallel.offset)
     last = len(layers) - 1
     return [StageWork(matmul=n * layer.matmul + (head.matmul if i == last else 0.0),
@@ -195,9 +195,11 @@ def stated_error(exp) -> tuple[float, float]:
     return c.get("throughput_uncertainty", 0.0), c.get("rank_resolution", 0.0)
 
 
-def estimate_train(exp, layout=None) -> ThroughputEstimate:
+def estimate_train(exp, layout=None, adapted=None) -> ThroughputEstimate:
+    """A training step's time, term by term, on the layout and adaptations a run computed (or computes here)."""
     hw, m, c, L = exp.hardware, exp.model, constants(exp), layout or layout_of(exp)
-    dtype = adapt(exp).precision
+    adapted = adapted or adapt(exp)
+    dtype = adapted.precision
     n_dev, gb, s = L.devices, L.global_batch, exp.data.seq_length
     tokens = gb * s
     # peak_tflops is per device; on a CPU it is the node's, shared by the workers msrun starts there
@@ -207,7 +209,7 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
     # the workers of a CPU node share its memory bandwidth as they share its cores
     shared = dict(c, memory_efficiency=c.get("memory_efficiency", 1.0) / workers_sharing)
     micro_batches = gb // (micro_batch_samples(exp) * L.data_parallel)
-    stages = stage_works(exp, L, shared, peak, act_bytes)
+    stages = stage_works(exp, L, adapted, shared, peak, act_bytes)
     slowest = max(stages, key=lambda w: w.seconds)
     # 1F1B: every micro-batch passes the slowest stage; filling and draining the pipeline once a step adds one
     # micro-batch's pass through each of the other stages
@@ -251,9 +253,10 @@ def estimate_train(exp, layout=None) -> ThroughputEstimate:
                     f"utilisation {tokens / step / n_dev * train_flops_per_token(exp) / (peak * workers_sharing):.0%}")
 
 
-def estimate_predict(exp, layout=None, prompt_tokens: int = 256, new_tokens: int = 256) -> ThroughputEstimate:
+def estimate_predict(exp, layout=None, adapted=None, prompt_tokens: int = 256,
+                     new_tokens: int = 256) -> ThroughputEstimate:
     hw, m, c, L = exp.hardware, exp.model, constants(exp), layout or layout_of(exp)
-    adapted = adapt(exp)
+    adapted = adapted or adapt(exp)
     dtype, mp = adapted.precision, L.model_parallel
     peak = peak_flops(exp, dtype["compute"])
     batch = exp.phase.batch_size
@@ -282,11 +285,11 @@ def estimate_predict(exp, layout=None, prompt_tokens: int = 256, new_tokens: int
                     f"HBM {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
 
 
-def estimate_throughput(exp, layout=None) -> ThroughputEstimate | None:
+def estimate_throughput(exp, layout=None, adapted=None) -> ThroughputEstimate | None:
     if not exp.hardware.estimate or not exp.hardware.peak_tflops:
         return None
     if exp.phase.run_mode == "predict":
-        return estimate_predict(exp, layout)
+        return estimate_predict(exp, layout, adapted)
     if not exp.phase.trains:                  # eval: no throughput model for a forward-only pass yet
         return None
-    return estimate_train(exp, layout)
+    return estimate_train(exp, layout, adapted)

@@ -95,10 +95,11 @@ def run_export(plan, exp, rank: int = 0) -> dict:
     import time
 
     from qwen15_exp.launch.generate import Generator
-    from qwen15_exp.launch.local import inside, mindformers_env
+    from qwen15_exp.launch.start import in_run_dir
+    from qwen15_exp.run_files import mindformers_env
     t0 = time.perf_counter()
     out_dir = Path(plan.run_dir) / "output"
-    with inside(plan.run_dir, mindformers_env(plan.run_dir)):
+    with in_run_dir(plan.run_dir, mindformers_env(plan.run_dir)):
         network = Generator(plan.mindformers, exp.phase.load_checkpoint, quiet=True).model
         mc = plan.mindformers["model"]["model_config"]
         files = export_mindir(network, mc, out_dir, rank)

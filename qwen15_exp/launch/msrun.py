@@ -9,7 +9,6 @@ and checkpoint), then, after launch.stop_grace_s or a second request, the whole 
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -19,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwen15_exp import run_files
 from qwen15_exp.atomic import write_text
 from qwen15_exp.launch.worker import WORKER_STUB
 from qwen15_exp.lifecycle import set_parent_death_signal
@@ -34,7 +34,7 @@ def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) ->
     """With --join=True (launch.join, the default) msrun waits for this node's workers and exits non-zero when
     one fails, so a wrapper (Slurm, a shell) sees the outcome; the console follows the node's first worker."""
     per_node = plan.layout.devices_here
-    join = exp.launch.join or (plan.layout.executes and plan.layout.nodes == 1)   # we supervise what we run here
+    join = exp.launch.join or (plan.executes and plan.layout.nodes == 1)   # we supervise what we run here
     return ["msrun", f"--worker_num={plan.layout.devices}", f"--local_worker_num={per_node}",
             f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
             f"--log_dir={node_log_dir(node_rank)}", f"--join={join}",
@@ -73,11 +73,11 @@ def node_script(plan, exp, node_rank: int) -> str:
 def write_launch_files(plan, exp) -> list[Path]:
     """worker.py and launch_node<R>.sh per node: msrun, or a worker per device of launch.rank_table."""
     run_dir = Path(plan.run_dir)
-    write_text(run_dir / "worker.py", WORKER_STUB)
+    write_text(run_dir / run_files.WORKER, WORKER_STUB)
     if exp.launch.rank_table:
-        from qwen15_exp.launch import rank_table
-        servers = rank_table.read_rank_table(exp.launch.rank_table)
-        return [write_text(run_dir / f"launch_node{r}.sh", rank_table.node_script(plan, exp, r, servers), mode=0o755)
+        from qwen15_exp.launch.rank_table import node_script as rank_table_script, read_rank_table
+        servers = read_rank_table(exp.launch.rank_table)
+        return [write_text(run_dir / f"launch_node{r}.sh", rank_table_script(plan, exp, r, servers), mode=0o755)
                 for r in range(len(servers))]
     from qwen15_exp.launch.sbatch import write_sbatch
     scripts = [write_text(run_dir / f"launch_node{r}.sh", node_script(plan, exp, r), mode=0o755)
@@ -169,8 +169,9 @@ def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path, on
             stop_tree(proc, seen)
 
 
-def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
+def run_msrun(plan, exp, kind: str, request):
     """Run this node's share of the plan here (CPU workers, or NPUs when present)."""
+    from qwen15_exp.launch.launched import Launched
     write_launch_files(plan, exp)
     run_dir = Path(plan.run_dir)
     node = exp.launch.node_rank or 0
@@ -179,9 +180,8 @@ def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
         raise UserError(f"this plan spans {plan.layout.nodes} nodes: run the same command on every node with "
                         f"launch.node_rank=<0..{plan.layout.nodes - 1}> launch.master_addr=<node 0 address>, "
                         f"or start launch_node<R>.sh from {run_dir} on each node")
-    from qwen15_exp.launch.local import mindformers_env
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, **mindformers_env(run_dir), **plan.env,
+    env = {**os.environ, **run_files.mindformers_env(run_dir), **plan.env,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),   # msrun starts workers as plain `python`
            "MASTER_PORT": str(free_port() if plan.layout.nodes == 1 else exp.launch.master_port),
            "MASTER_ADDR": "127.0.0.1" if plan.layout.nodes == 1 else exp.launch.master_addr,
@@ -191,13 +191,13 @@ def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
     # progress of this node's first rank from its steps log (verbose=true: msrun's output as it is)
     console = None
     if not exp.verbose:
-        console_log = run_dir / "output" / "log" / "console.log"
+        console_log = run_files.console_log(run_dir)
         console_log.parent.mkdir(parents=True, exist_ok=True)
         console = open(console_log, "a", encoding="utf-8")
     follower = None
-    if exp.phase.trains and not exp.verbose:
+    if kind == "train" and not exp.verbose:
         from qwen15_exp.console import Progress, StepsFollower
-        follower = StepsFollower(run_dir / f"steps_rank{node * plan.layout.devices_here}.jsonl",
+        follower = StepsFollower(run_files.steps_log(run_dir, node * plan.layout.devices_here),
                                  Progress(plan.steps, plan.layout.tokens_per_step))
     # msrun in a session of its own (a terminal's Ctrl-C reaches only us; we decide), told to stop (SIGINT,
     # which its handler turns into killing every worker) if this process dies, even by SIGKILL
@@ -215,12 +215,32 @@ def run_msrun(plan, exp, yaml_path: Path, request) -> dict:
             console.close()
     if code != 0 and not request():
         raise LaunchFailed(f"msrun exited with {code}; logs in {run_dir / 'msrun_log'}\n{worker_log_tail(run_dir)}")
-    train_call_s = time.perf_counter() - t_call
+    call_s = time.perf_counter() - t_call
     if plan.layout.nodes > 1:          # the other nodes' ranks write into their own copies of the run dir
-        return {"node_rank": node, "ranks_here": sorted(p.name for p in run_dir.glob("rank_*.json"))}
-    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank_*.json"))]
-    if exp.phase.run_mode == "predict":
-        return {"ranks": ranks, "generated_texts": ranks[0]["generated"] if ranks else []}
+        return Launched("msrun", kind, call_s=call_s, node_rank=node,
+                        ranks_here=sorted(p.name for p in run_dir.glob(run_files.RANK_RECORD_GLOB)))
+    ranks = run_files.rank_records(run_dir)
+    peak = max((r.get("peak_rss_mb", 0.0) for r in ranks), default=0.0)
+    if kind == "predict":
+        return Launched("msrun", kind, call_s=call_s, peak_rss_mb=peak, **predict_record(exp, ranks))
+    if kind == "eval":
+        from qwen15_exp.launch.local import final_eval
+        return Launched("msrun", kind, call_s=call_s, peak_rss_mb=peak,
+                        figures={**final_eval(run_dir), "seconds": round(call_s, 3)})
+    if kind == "export":
+        files = [f for r in ranks for f in r.get("mindir", [])]
+        return Launched("msrun", kind, call_s=call_s, figures={"mindir": files, "check": None,
+                                                               "weights": exp.phase.load_checkpoint})
     firsts = [r["first_step_unix"] for r in ranks if r.get("first_step_unix")]
-    return {"first_step_unix": max(firsts) if firsts else None, "train_call_s": train_call_s,
-            "peak_rss_mb": max((r.get("peak_rss_mb", 0.0) for r in ranks), default=0.0)}
+    return Launched("msrun", kind, call_s=call_s, peak_rss_mb=peak, first_step_unix=max(firsts) if firsts else None)
+
+
+def predict_record(exp, ranks: list[dict]) -> dict:
+    """Rank 0's generated texts as the in-process predict reports them: one record per prompt. The data-parallel
+    ranks generate the same prompts (Trainer.predict does not split them)."""
+    texts = ranks[0]["generated"] if ranks else []
+    seconds = ranks[0].get("seconds") if ranks else None
+    generated = [{"prompt": p, "text": t} for p, t in zip(exp.phase.predict_data, texts)]
+    weights = exp.phase.load_checkpoint or "random (no phase.load_checkpoint)"
+    return {"generated": generated, "figures": {"generated_texts": len(generated), "seconds": seconds,
+                                                "weights": weights}}

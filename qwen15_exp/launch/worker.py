@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+from qwen15_exp import run_files
+
 WORKER_STUB = """# Started by msrun on every device: trains mindformers.yaml (see qwen15_exp/launch/worker.py).
 from qwen15_exp.launch.worker import main
 
@@ -49,13 +51,14 @@ def predict(config, run_dir: Path) -> dict:
 
     if config.context.device_target == "CPU":
         use_cpu_argmax()
-    spec = json.loads((run_dir / "predict_data.json").read_text())
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=spec["eos_token"],
+    spec = json.loads((run_dir / run_files.PREDICT_DATA).read_text())
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / run_files.TOKENIZER), eos_token=spec["eos_token"],
                                   pad_token=eos_token(False), additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     t0 = time.time()
     out = Trainer(config, tokenizer=tok).predict(input_data=spec["inputs"], max_length=spec["max_length"])
     texts = [o["text_generation_text"][0] if isinstance(o, dict) else str(o) for o in out]
-    return {"rank": rank_id(), "generated": texts, "seconds": time.time() - t0}
+    from qwen15_exp.launch.start import peak_rss_mb
+    return {"rank": rank_id(), "generated": texts, "seconds": time.time() - t0, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def die_with_parent() -> None:
@@ -78,69 +81,63 @@ def scheduler_elsewhere() -> bool:
     return os.environ.get("MS_ROLE") == "MS_SCHED" and node.isdigit() and int(node) != 0
 
 
+def overrides_of(args) -> dict:
+    """The MindFormers keys the launch script's options set on top of mindformers.yaml."""
+    out = {}
+    if args.load_checkpoint:
+        out["load_checkpoint"] = args.load_checkpoint
+    if args.resume:
+        out.update(load_checkpoint=args.resume, resume_training=True)
+    if args.src_strategy:
+        out.update(src_strategy_path_or_dir=args.src_strategy, auto_trans_ckpt=True)
+    return out
+
+
 def main(argv=None) -> None:
     t0 = time.time()
     if scheduler_elsewhere():
         print(f"node {os.environ['QWEN15_EXP_NODE_RANK']}: the scheduler runs on node 0; not starting another")
         return
     die_with_parent()
-    from qwen15_exp.launch.local import defer_nltk_init, skip_pytorch_import
-    skip_pytorch_import()
-    defer_nltk_init()
+    from qwen15_exp.launch.start import prepare_process
+    prepare_process()
     args = parse_args(argv)
     yaml_path = Path(args.config).resolve()
     run_dir = yaml_path.parent
-    os.environ.setdefault("LOCAL_DEFAULT_PATH", str(run_dir / "output"))
-    os.environ.setdefault("LOG_MF_PATH", str(run_dir / "output" / "log"))
-
-    from mindformers.core.context import build_context
-    from mindformers.tools.register import MindFormerConfig
-    from mindformers.trainer import Trainer
-    from mindformers.utils.file_utils import set_output_path
+    for key, value in run_files.mindformers_env(run_dir).items():
+        os.environ.setdefault(key, value)
 
     from qwen15_exp.atomic import write_json
-    from qwen15_exp.mindformers_ext import StepRecorder
+    from qwen15_exp.launch.start import evaluate, peak_rss_mb, start_mindformers, train
 
-    config = MindFormerConfig(str(yaml_path))
-    if not os.path.isabs(config.output_dir):
-        config.output_dir = str(run_dir / config.output_dir)
+    config = start_mindformers(yaml_path, **overrides_of(args))
     if args.train_dataset_dir:
         config.train_dataset.data_loader.dataset_dir = args.train_dataset_dir
         config.train_dataset_task.dataset_config.data_loader.dataset_dir = args.train_dataset_dir
-    if args.load_checkpoint:
-        config.load_checkpoint = args.load_checkpoint
-    if args.resume:
-        config.load_checkpoint, config.resume_training = args.resume, True
-    if args.src_strategy:
-        config.src_strategy_path_or_dir, config.auto_trans_ckpt = args.src_strategy, True
-    set_output_path(config.output_dir)
-    build_context(config)
+    rank = rank_id()
     if config.get("export_mindir"):
         from qwen15_exp.launch.export import export_mindir
         from qwen15_exp.launch.generate import Generator
         network = Generator(config, config.load_checkpoint, quiet=True).model
-        files = export_mindir(network, config.model.model_config, run_dir / "output", rank_id())
-        write_json(run_dir / f"rank_{rank_id()}.json", {"mindir": [str(f) for f in files]})
+        files = export_mindir(network, config.model.model_config, run_files.output_dir(run_dir), rank)
+        write_json(run_files.rank_record(run_dir, rank), {"rank": rank, "mindir": [str(f) for f in files]})
         return
     if config.run_mode == "predict":
-        write_json(run_dir / f"rank_{rank_id()}.json", predict(config, run_dir))
+        write_json(run_files.rank_record(run_dir, rank), predict(config, run_dir))
         return
     if config.run_mode == "eval":         # figures in eval_rank<r>.jsonl (mindformers_ext.TokenPerplexity)
-        from qwen15_exp.launch.local import evaluate
-        evaluate(Trainer(config), config)
+        evaluate(config)
         return
-    from qwen15_exp.launch.local import peak_rss_mb
     from qwen15_exp.lifecycle import StopRequest, stop_on_signals
-    from qwen15_exp.mindformers_ext import StopControl, skip_checkpoint_preload
+    from qwen15_exp.mindformers_ext import StepRecorder, StopControl, skip_checkpoint_preload
     if config.context.device_target == "CPU":
         skip_checkpoint_preload()
-    rank = rank_id()
-    recorder = StepRecorder(run_dir / f"steps_rank{rank}.jsonl")
+    recorder = StepRecorder(run_files.steps_log(run_dir, rank))
     request = StopRequest()
     ranks = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1)
     with stop_on_signals(request):          # SIGTERM from the launcher: stop at an agreed step, checkpointed
-        Trainer(config, callbacks=[recorder, StopControl(run_dir, request, ranks)]).train()
-    write_json(run_dir / f"rank_{rank}.json", {
+        train(config, callbacks=[recorder, StopControl(run_dir, request, ranks)])
+    write_json(run_files.rank_record(run_dir, rank), {
         "rank": rank, "steps": recorder.steps, "losses": recorder.losses, "step_times_s": recorder.step_times(),
         "first_step_unix": recorder.step_end_unix[0] if recorder.step_end_unix else None, "start_unix": t0,
         "stopped_by": request.name or None,

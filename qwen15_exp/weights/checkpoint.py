@@ -39,7 +39,7 @@ def mindformers_weights(path: str, show_progress: bool = True) -> str:
         return path
     out = converted_path(p)
     if not out.is_file():
-        from qwen15_exp.weights.convert import hf_to_mf
+        from qwen15_exp.weights.hf_conversion import hf_to_mf
         print(f"converting Hugging Face weights {p} -> {out} (once; cached)")
         hf_to_mf(p, out, show_progress=show_progress)
     return str(out)

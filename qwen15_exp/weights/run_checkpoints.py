@@ -97,6 +97,3 @@ def prune(root: Path, keep: int) -> list[Path]:
             (d / "meta.json").unlink(missing_ok=True)
     return removed
 
-
-def disk_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
