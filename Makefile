@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv
+.PHONY: run test test-fast bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m qwen15_exp $(ARGS)
 
+# The whole suite, as CI runs it (real CPU training, msrun, a Slurm cluster, MLflow): ~12 min on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# Everything that starts no MindSpore process (compose, validate, plan, estimates, scripts, data): ~2 min.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

@@ -24,6 +24,8 @@ class Adapted:
     sink_mode: bool
     semi_auto_parallel: bool        # parallel_mode 1 (model/pipeline parallel possible) or 0
     use_past: bool                  # KV cache (predict only)
+    cpu_kv_cache: bool              # ... through qwen15_exp's CPU attention (kv_cache_cpu.py), kernel by kernel
+    kv_blocks: int                  # cache blocks of generation.block_size positions the network allocates
     loss_scale: object              # None (no scale_sense key), a float, or a DynamicLossScaleUpdateCell dict
     train_step_wrapper: str
     model_class: str                # model.arch.type
@@ -74,14 +76,25 @@ def adapt(exp) -> Adapted:
     if ph.use_flash_attention and not flash:
         notes.append(f"use_flash_attention: true -> false ({name} has no flash attention)")
     predict = ph.run_mode == "predict"
-    use_past = ph.generation.use_past and predict and sup.kv_cache
-    if ph.generation.use_past and predict and not sup.kv_cache:
-        notes.append(f"use_past: true -> false (the KV-cache kernels are Ascend-only; {name} recomputes the full "
-                     "sequence per token)")
+    g = ph.generation
+    use_past = g.use_past and predict and (sup.kv_cache or not ph.export)
+    cpu_kv_cache = use_past and not sup.kv_cache
+    kv_blocks = g.num_blocks
+    if g.use_past and predict and not use_past:
+        notes.append(f"use_past: true -> false (the exported KV-cache graphs need Ascend's paged-attention kernels; "
+                     f"{name} exports the full-sequence graph)")
+    if cpu_kv_cache:
+        # every sequence of a batch may grow to seq_length: the cache holds that, and no more
+        kv_blocks = ph.batch_size * -(-exp.data.seq_length // g.block_size)
+        notes.append(f"KV cache: MindFormers' paged-attention kernels are Ascend-only; {name} decodes against "
+                     f"qwen15_exp's CPU cache (the same block tables and slot mapping; {kv_blocks} blocks of "
+                     f"{g.block_size} = batch {ph.batch_size} x seq_length {exp.data.seq_length}), kernel by kernel "
+                     "(PyNative), prompts padded to the batch's longest only")
     if not sup.semi_auto_parallel:
         notes.append(f"parallel.parallel_mode: 1 -> 0 (semi-auto parallel does not run on {name}; data parallel "
                      "only)")
-    loss_scale, wrapper, model_class, optimizer = None, "MFTrainOneStepCell", "LlamaForCausalLM", ph.optimizer.type
+    loss_scale, wrapper, optimizer = None, "MFTrainOneStepCell", ph.optimizer.type
+    model_class = CPU_MODEL_CLASS if cpu_kv_cache else "LlamaForCausalLM"
     if ph.trains:
         if not sup.semi_auto_parallel:         # no layout shards the vocabulary
             notes.append(f"model: LlamaForCausalLM -> {CPU_MODEL_CLASS} (its loss is one LogSoftmax kernel; "
@@ -102,7 +115,7 @@ def adapt(exp) -> Adapted:
         workers = cap
     return Adapted(precision=precision, flash_attention=flash, fused_rms_norm=sup.fused_rms_norm,
                    lazy_inline=sup.lazy_inline, sink_mode=sink, semi_auto_parallel=sup.semi_auto_parallel,
-                   use_past=use_past, loss_scale=loss_scale, train_step_wrapper=wrapper, model_class=model_class,
+                   use_past=use_past, cpu_kv_cache=cpu_kv_cache, kv_blocks=kv_blocks, loss_scale=loss_scale, train_step_wrapper=wrapper, model_class=model_class,
                    optimizer=optimizer,
                    dataset_workers=workers,
                    numpy_sampling=predict and not sup.kv_cache, notes=tuple(notes))

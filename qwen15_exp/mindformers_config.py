@@ -81,7 +81,10 @@ def model_config(exp, adapted: Adapted) -> dict:
     if g.temperature is not None:
         cfg["temperature"] = g.temperature
     if ph.run_mode == "predict":
-        cfg.update({"block_size": g.block_size, "num_blocks": g.num_blocks, "is_dynamic": g.is_dynamic and use_past})
+        # the CPU cache takes prompts of any length and block tables of any width: dynamic shapes (is_dynamic)
+        cfg.update({"block_size": g.block_size, "num_blocks": adapted.kv_blocks,
+                    "is_dynamic": (g.is_dynamic or adapted.cpu_kv_cache) and use_past,
+                    "max_new_tokens": g.max_new_tokens})
     else:
         cfg["fine_grain_interleave"] = p.fine_grain_interleave
     if not adapted.fused_rms_norm:
@@ -138,10 +141,9 @@ def callbacks(exp, stop_step: int | None, save_steps: int) -> list:
     return cbs
 
 
-def context_section(exp) -> dict:
+def context_section(exp, adapted: Adapted) -> dict:
     hw = exp.hardware
-    ctx = {"mode": hw.mode, "device_target": str(hw.device_target), "device_id": 0, "max_call_depth": 10000,
-           "save_graphs": False}
+    ctx = {"mode": hw.mode, "device_target": str(hw.device_target), "device_id": 0, "max_call_depth": 10000, "save_graphs": False}
     if hw.jit_level:                       # "" leaves it to MindSpore's default, as some recipes do
         ctx["jit_config"] = {"jit_level": hw.jit_level}
     if hw.max_device_memory:
@@ -206,7 +208,7 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         "do_eval": False,
         "runner_config": {"epochs": epochs or ph.epochs, "batch_size": ph.batch_size, "sink_mode": adapted.sink_mode,
                           "sink_size": 1},
-        "context": context_section(exp),
+        "context": context_section(exp, adapted),
         "model": {"model_config": model_config(exp, adapted), "arch": {"type": adapted.model_class}},
     }
     if resume is not None:

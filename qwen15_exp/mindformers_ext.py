@@ -34,6 +34,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -42,7 +43,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 from mindspore.train.callback import Callback
-from mindspore import nn
+from mindspore import nn, ops
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
@@ -132,11 +133,41 @@ class LogSoftmaxCrossEntropy(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class CPULlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM with the loss above: for layouts that do not shard the vocabulary (the CPU)."""
+    """LlamaForCausalLM for the CPU: the loss above for training, and with use_past the KV-cache attention of
+    qwen15_exp.kv_cache_cpu for generation (decode steps read only the cache blocks in use)."""
 
     def __init__(self, config=None):
-        super().__init__(config=config)          # by keyword: MindFormers' lazy_inline reads `disable_lazy_inline` there
+        from qwen15_exp.kv_cache_cpu import cpu_generation_cells
+        with cpu_generation_cells() if getattr(config, "use_past", False) else contextlib.nullcontext():
+            super().__init__(config=config)      # by keyword: MindFormers' lazy_inline reads `disable_lazy_inline` there
         self.loss = LogSoftmaxCrossEntropy(getattr(self.config, "calculate_per_token_loss", False))
+        if self.use_past:
+            # MindFormers' generate learns PyNative from the ENFORCE_EAGER environment variable, not the context
+            self.is_pynative = ms.get_context("mode") == ms.PYNATIVE_MODE
+
+    def pre_gather_func(self, pre_gather, output, batch_valid_length, gather_index=None):
+        """The prefill's hidden state at each sequence's last prompt position ([B, 1, H]), so lm_head runs on B
+        rows (the prompts come as [B, longest], see below; MindFormers' is_dynamic branch expects them flattened)."""
+        if not (self.use_past and pre_gather):
+            return super().pre_gather_func(pre_gather, output, batch_valid_length, gather_index)
+        last = (batch_valid_length - 1).reshape(-1, 1, 1).astype(ms.int32)
+        return ops.gather_elements(output, 1, ops.tile(last, (1, 1, self.config.hidden_size)))
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """With the KV cache: the prefill takes the prompts right-padded to the longest of the batch only (not to
+        seq_length, and not flattened), and a decode step the block-table columns in use."""
+        if not self.use_past:
+            return super().prepare_inputs_for_generation(input_ids, **kwargs)
+        valid = np.asarray(kwargs["valid_length_each_example"])
+        if kwargs.get("prefill"):
+            width = int(valid.max())
+            slots = np.asarray(kwargs["slot_mapping"]).reshape(len(valid), -1)[:, :width]
+            return {"input_ids": ms.Tensor.from_numpy(np.ascontiguousarray(input_ids[:, :width], dtype=np.int32)),
+                    "slot_mapping": ms.Tensor.from_numpy(np.ascontiguousarray(slots.reshape(-1), dtype=np.int32))}
+        from qwen15_exp.kv_cache_cpu import trimmed_block_tables
+        return {"input_ids": ms.Tensor.from_numpy(input_ids.astype(np.int32)),
+                "block_tables": ms.Tensor.from_numpy(
+                    trimmed_block_tables(kwargs["block_tables"], valid, self.config.block_size))}
 
 
 _fused_adamw = C.MultitypeFuncGraph("fused_adamw")

@@ -20,7 +20,8 @@ from qwen15_exp.ranks import spearman, tied_ranks
 from qwen15_exp import run_files
 
 COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
-           "estimated", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb", "budget_gb", "fits",
+           "estimated", "batch", "implied_batch", "measured", "est/pub", "meas/pub", "est/meas", "memory_gb",
+           "budget_gb", "fits",
            "loss", "eval_loss", "perplexity", "failure_class", "reason"]
 
 
@@ -48,6 +49,8 @@ def row_of(job: str, result: dict) -> dict:
         "phase": result.get("phase"), "parallel": result.get("parallel"), "hardware": result.get("hardware"),
         "status": result.get("status"), "unit": unit, "published": ref.get("figure"),
         "estimated": round(estimated, 1) if estimated else None, "measured": round(got, 1) if got else None,
+        "batch": est.get("batch") if not train else None,
+        "implied_batch": est.get("implied_batch") if not train else None,
         "est/pub": _ratio(estimated, ref.get("figure")), "meas/pub": _ratio(got, ref.get("figure")),
         "est/meas": _ratio(estimated, got),
         "memory_gb": round(mem["total_gb"], 2) if mem else None,
@@ -127,9 +130,11 @@ def markdown(rows: list[dict], title: str) -> str:
                            f"{100 * acc['median_abs_error']:.1f} %, worst = {100 * acc['worst_abs_error']:.1f} %")
     out += ranking(rows)
     out += ["", "Estimates come from qwen15_exp/estimate (FLOPs, bytes and the hardware profile's few constants,",
-            "calibrated on the Atlas 800T A2 training rows only). Predict estimates assume batch 1, a 256-token",
-            "prompt and 256 new tokens; the published predict figures do not state their batch, so their error",
-            "says more about that assumption than about the model.", ""]
+            "calibrated on the Atlas 800T A2 training rows only). Predict estimates are made at the run's batch",
+            "(`batch`: the recipe's phase.batch_size), a 256-token prompt and 256 new tokens. The published predict",
+            "figures do not state their batch: `implied_batch` is the batch at which the estimate equals the",
+            "published figure (empty: none up to 4096), what the figure means if the model is right; no batch is",
+            "fitted per row.", ""]
     return "\n".join(out)
 
 

@@ -118,6 +118,9 @@ def summary_text(result: dict) -> str:
         if m.get("tokens_per_s"):
             lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s   "
                          f"first step at {m['time_to_first_step_s']:.1f} s   wall {result['wall_time_s']:.1f} s")
+    if result.get("calibration"):
+        from qwen15_exp.estimate.cpu_calibration import note_of
+        lines.append(f"  calibration: {note_of(result['calibration'])}")
     if result.get("compile_cache"):
         lines.append(f"  compile cache: {result['compile_cache']['use']} ({result['compile_cache']['dir']})")
     for e in m.get("eval") or []:
@@ -132,8 +135,7 @@ def summary_text(result: dict) -> str:
         lines.append(f"  reloaded with mindspore.load + nn.GraphCell: max |logits - eager| = {check['max_abs_diff']:.2e}"
                      if check else "  not reloaded here (KV-cache graphs run on Ascend only)")
     if result.get("generated"):
-        lines.append(f"  generated {m['generated_tokens']} tokens at {m['tokens_per_s']} tokens/s "
-                     f"(weights: {m['weights']})")
+        lines.append(f"  {generation_line(m)} (weights: {m['weights']})")
         for g in result["generated"]:
             lines.append(f"  > {g['prompt']!r} -> {g['text'][:120]!r}")
     if result["status"] == "planned":
@@ -150,6 +152,20 @@ def summary_text(result: dict) -> str:
                          "output/strategy> if the layout changed)")
     lines.append(f"  files: {result['run_dir']}")
     return "\n".join(lines)
+
+
+def generation_line(m: dict) -> str:
+    """'generated 256 tokens, batch 8 (1 batch): 41.2 tokens/s; first token 0.35 s, then 45.0 tokens/s'."""
+    head = f"generated {m['generated_tokens']} tokens"
+    if m.get("batch_size"):
+        head += f", batch {m['batch_size']} ({m['batches']} batch{'es' if m['batches'] != 1 else ''})"
+    if m.get("tokens_per_s"):
+        head += f": {m['tokens_per_s']:,.1f} tokens/s"
+    if m.get("time_to_first_token_s") is not None:
+        head += f"; first token {m['time_to_first_token_s']:.2f} s"
+    if m.get("decode_tokens_per_s"):
+        head += f", then {m['decode_tokens_per_s']:,.1f} tokens/s"
+    return head
 
 
 def job_line(result: dict) -> str:

@@ -76,8 +76,8 @@ def write_predict_files(plan, exp) -> None:
         prompts = [chat_prompt(exp.phase.system_prompt, p) for p in prompts]
     g = exp.phase.generation
     write_json(run_dir / run_files.PREDICT_DATA, {
-        "inputs": prompts, "eos_token": eos_token(exp.phase.chat),
-        "max_length": g.max_decode_length if g.max_new_tokens is None else None})
+        "inputs": prompts, "eos_token": eos_token(exp.phase.chat), "batch_size": exp.phase.batch_size,
+        "max_new_tokens": g.max_new_tokens, "max_length": g.max_decode_length})
 
 
 def dump_yaml(obj) -> str:
@@ -220,15 +220,15 @@ MIN_STEPS_TO_RECALIBRATE = 12
 
 
 def recalibrate(result: dict) -> None:
+    """A CPU run long enough to judge checks the estimate's calibration (estimate/cpu_calibration.py)."""
     from qwen15_exp.estimate.cpu_calibration import check_against_run
     est = (result.get("plan") or {}).get("throughput") or {}
     measured = result.get("measured") if isinstance(result.get("measured"), dict) else {}
     if (measured.get("steps") or 0) < MIN_STEPS_TO_RECALIBRATE:
         return                            # the first steps run slow while caches warm: too few to judge by
-    note = check_against_run(est.get("tokens_per_s"), measured.get("tokens_per_s"))
-    if note:
-        result["calibration"] = note
-        print(f"note: {note}", flush=True)
+    check = check_against_run(est.get("tokens_per_s"), measured.get("tokens_per_s"), est.get("uncertainty") or 0.2)
+    if check:
+        result["calibration"] = check
 
 
 def record_unfinished(result: dict, status: str, error: str, t0: float) -> None:

@@ -170,8 +170,8 @@ class Generation:
     is_dynamic: bool = False
     block_size: int = 32
     num_blocks: int = 128
-    max_decode_length: int = 512
-    max_new_tokens: Optional[int] = None
+    max_decode_length: int = 512          # MindFormers' cap on prompt + answer; used when max_new_tokens is null
+    max_new_tokens: Optional[int] = None  # the longest answer (wins over max_decode_length, as in MindFormers)
     top_k: int = 0
     top_p: float = 0.8
     do_sample: bool = False
@@ -306,7 +306,6 @@ class ChatOptions:
     mode: ChatMode = ChatMode.interactive
     questions: List[str] = field(default_factory=list)
     history: bool = True
-    max_new_tokens: Optional[int] = None  # None: seq_length // 4, as the seed's chat
     seed: Optional[int] = None
 
 

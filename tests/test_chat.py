@@ -36,12 +36,14 @@ class ScriptedGenerator:
     def __init__(self):
         self.prompts = []
 
-    def generate(self, prompt, max_new_tokens, on_token=None, **kw):
+    def generate_batch(self, prompts, max_new_tokens, on_token=None, **kw):
+        from qwen15_exp.launch.generate import Generated
+        [prompt] = prompts
         self.prompts.append(prompt)
         new = TOK.encode("Hello there 你好", add_special_tokens=False).ids + [IM_END_ID, 872, 198]
         for t in new:
             on_token(t)
-        return new, 0.01
+        return Generated([new], 0.5, 0.1)
 
 
 def test_interactive_session_keeps_history_clears_and_stops():
@@ -54,6 +56,8 @@ def test_interactive_session_keeps_history_clears_and_stops():
     text = out.getvalue()
     assert text.count("Hello there 你好\n") == 3 and "user\n" not in text.split("assistant> ")[1]   # cut at im_end
     assert "history cleared" in text and session.history == [("third", "Hello there 你好")]
+    # each answer's speed: 8 new tokens in 0.5 s, the first after 0.1 s: 7 more in 0.4 s
+    assert text.count("0.50 s: first token 0.10 s, 17.5 tokens/s]") == 3
 
 
 def assert_quiet(r):

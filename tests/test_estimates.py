@@ -119,3 +119,32 @@ def test_tensor_parallel_traffic_hides_only_behind_an_interleaved_micro_batch():
     assert halves.terms_s["compute"] == pytest.approx(2 * plain.terms_s["compute"])
     assert halves.terms_s["tensor_parallel_comm"] == pytest.approx(0.2 * plain.terms_s["tensor_parallel_comm"])
     assert halves.tokens_per_s_per_device > plain.tokens_per_s_per_device
+
+
+def test_a_stale_cpu_calibration_is_measured_again_and_said(tmp_path, monkeypatch):
+    """A calibration taken on a busy machine makes the estimate low (a fresh clone measured 1,020 tokens/s
+    against an estimate of 796). A run whose measurement is beyond the stated uncertainty measures again, keeps
+    the new figures, and its summary says so; within the uncertainty nothing is measured."""
+    from qwen15_exp.estimate import cpu_calibration
+    from qwen15_exp.result import summary_text
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    busy = {"key": cpu_calibration.machine_key(), "fp32_tflops": 0.05, "bandwidth_gbs": 5.0}
+    quiet = {**busy, "fp32_tflops": 0.064, "bandwidth_gbs": 6.0}
+    cpu_calibration.save(busy)
+    measured = []
+    monkeypatch.setattr(cpu_calibration, "measure", lambda: measured.append(1) or dict(quiet))
+    assert cpu_calibration.check_against_run(796.0, 900.0, 0.2) is None and not measured      # 1.13x: holds
+    check = cpu_calibration.check_against_run(796.0, 1020.0, 0.2)                             # 1.28x: stale
+    assert measured == [1] and check["remeasured"] and check["old"]["fp32_tflops"] == 0.05
+    assert cpu_calibration.load()["fp32_tflops"] == 0.064                                     # kept for the next run
+    note = cpu_calibration.note_of(check)
+    assert "1.28x" in note and "+-20%" in note and "50.0 -> 64.0 GFLOP/s" in note
+    cpu_calibration.save(quiet)
+    unchanged = cpu_calibration.check_against_run(796.0, 1020.0, 0.2)
+    assert not unchanged["remeasured"] and "unchanged" in cpu_calibration.note_of(unchanged)
+    result = {"experiment": "default", "status": "ok", "model": "tiny", "phase": "finetune", "parallel": "single",
+              "hardware": "cpu", "run_dir": "/r", "calibration": check, "measured": {},
+              "plan": {"devices": 1, "nodes": 1, "devices_per_node": 2, "global_batch": 1, "tokens_per_step": 128,
+                       "params_total": 1, "launcher": "local", "why": "here", "throughput": None,
+                       "memory": {"params_per_device": 1, "total_gb": 0.2, "budget_gb": 24, "fits": True}}}
+    assert "calibration: the CPU estimate's calibration was stale" in summary_text(result)

@@ -118,8 +118,14 @@ def test_predict_plan_runs_through_msrun_and_trainer_predict(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "tokenizer.json").is_file() and read_json(run_dir / "predict_data.json")["inputs"] == ["hello world"]
-    ranks = read_json(run_dir / "result.json")["measured"]["ranks"]
-    assert len(ranks) == 1 and ranks[0]["generated"][0].startswith("hello world")
+    result = read_json(run_dir / "result.json")
+    # the same shape as the in-process predict: one record per prompt (the answer without the prompt), the
+    # tokens counted, the rate, and the summary's lines
+    [generated] = result["generated"]
+    assert generated["prompt"] == "hello world" and not generated["text"].startswith("hello world")
+    assert result["measured"]["generated_tokens"] == generated["new_tokens"] > 0
+    assert result["measured"]["tokens_per_s"] > 0
+    assert f"generated {generated['new_tokens']} tokens at" in r.stdout and "> 'hello world' -> " in r.stdout
 
 
 @pytest.mark.parametrize("overrides, per_node", [

@@ -40,7 +40,7 @@ def chat(tmp_path: Path, name: str, questions: list[str], overrides: list[str], 
     (conf / "questions.yaml").write_text("# @package _global_\n" + json.dumps({"chat": {"questions": questions}}))
     r = run_cli([f"--config-dir={conf.parent}", "+experiment=questions", "chat.mode=batch",
                  f"chat.history={str(history).lower()}", "phase.generation.do_sample=false", f"data.seq_length={seq_length}",
-                 "chat.max_new_tokens=48", *overrides], tmp_path / name, module="qwen15_exp.chat")
+                 "phase.generation.max_new_tokens=48", *overrides], tmp_path / name, module="qwen15_exp.chat")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     transcript = next((tmp_path / name / "outputs").rglob("transcript.jsonl"))
     return [json.loads(line) for line in transcript.read_text().splitlines()], r.stdout

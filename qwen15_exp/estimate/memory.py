@@ -201,9 +201,10 @@ def activation_bytes(exp, layout, flash: bool, dtype_bytes: int, stage: int = 0)
     return per_layer * layers * in_flight + logits
 
 
-def kv_cache_bytes(exp, layout, dtype_bytes: int) -> float:
+def kv_cache_bytes(exp, layout, adapted, dtype_bytes: int) -> float:
+    """The paged cache the network allocates: every block, used or not (the CPU's sized to batch x seq_length)."""
     m, g = exp.model, exp.phase.generation
-    tokens = g.num_blocks * g.block_size if g.use_past else 0
+    tokens = adapted.kv_blocks * g.block_size if adapted.use_past else 0
     return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / layout.model_parallel
 
 
@@ -237,7 +238,7 @@ def _stage_estimate(exp, layout, adapted, stage: int) -> MemoryEstimate:
     grads = n_train * w_bytes / (1 if accumulates else shard) if training else 0
     optimizer = n_train * 8 / shard if training else 0
     acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes, stage) if training else 0
-    kv = kv_cache_bytes(exp, layout, act_bytes) if ph.run_mode == "predict" else 0
+    kv = kv_cache_bytes(exp, layout, adapted, act_bytes) if ph.run_mode == "predict" else 0
     if not training:                                # prefill of one sequence, no stored activations
         acts = 4 * exp.data.seq_length * exp.model.vocab_size / layout.model_parallel
     total = weights + grads + optimizer + acts + kv

@@ -13,9 +13,14 @@ Training, per optimizer step and device:
     memory   = optimizer update (32 bytes per parameter) + fp32 logits passes, over HBM x memory_efficiency
     step     = compute + bubble + tp_comm + dp_comm + memory + step_overhead_ms
     tokens/s/p = tokens per step / step / devices
-Predict (memory bound), at the batch it states (1 unless phase.batch_size says more):
-    per token = (weights/mp + KV cache read) / (HBM bandwidth x memory_efficiency) + decode_overhead_ms
-    prefill   = 2 N prompt / (mp x peak x compute_efficiency)
+Predict, at the run's batch b (phase.batch_size: the recipe's), which it states:
+    decode step = max((weights/mp + b x context x KV bytes/token) / (memory bandwidth x memory_efficiency),
+                      b x 2 N / mp / (peak x compute_efficiency))
+                  + tensor-parallel all-reduces (2 per layer of b x h) + layers x kernels x kernel_launch_us
+                  + decode_overhead_ms (the host's generate loop)
+    prefill     = 2 N b prompt / (mp x peak x compute_efficiency) (+ causal attention)
+    tokens/s    = b x new / (prefill + new x decode step)
+  and, for a published row, the batch at which that equals the row ("implied batch"; the rows state none).
 The constants (compute_efficiency, comm_overlap, memory_efficiency, decode_overhead_ms, step_overhead_ms)
 live in the
 hardware profile (`hardware.estimate`), each with its source or calibration.
@@ -25,7 +30,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from qwen15_exp.adapt import adapt
-from qwen15_exp.estimate.memory import (DTYPE_BYTES, head_dim, kv_heads, layer_params, params_per_device,
+from qwen15_exp.estimate.memory import (DTYPE_BYTES, embedding_params, head_dim, kv_heads, layer_params,
+                                       params_per_device,
                                        recompute_kind, stage_layers, total_params, trainable_params)
 from qwen15_exp.layout import layout_of, micro_batch_samples
 
@@ -40,6 +46,8 @@ class ThroughputEstimate:
     assumptions: str
     uncertainty: float = 0.0        # +- share the figure may be off (the hardware's throughput_uncertainty)
     rank_resolution: float = 0.0    # layouts whose estimates are closer than this share rank equal
+    batch: int | None = None        # predict: the batch the figure is for
+    implied_batch: int | None = None  # predict: the batch at which the estimate equals the published row
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -253,36 +261,99 @@ def estimate_train(exp, layout=None, adapted=None) -> ThroughputEstimate:
                     f"utilisation {tokens / step / n_dev * train_flops_per_token(exp) / (peak * workers_sharing):.0%}")
 
 
-def estimate_predict(exp, layout=None, adapted=None, prompt_tokens: int = 256,
-                     new_tokens: int = 256) -> ThroughputEstimate:
-    hw, m, c, L = exp.hardware, exp.model, constants(exp), layout or layout_of(exp)
-    adapted = adapted or adapt(exp)
+PREDICT_PROMPT_TOKENS = 256
+PREDICT_NEW_TOKENS = 256
+KERNELS_PER_LAYER = 24           # a decode step's kernels in one layer (norms, q/k/v/o, rotary, cache, attention, MLP)
+
+
+def decode_step_terms(exp, L, adapted, c: dict, batch: int, context: float) -> dict:
+    """One decode step of `batch` sequences at `context` cached positions, term by term (seconds): the weights
+    and the KV cache read at the memory rate, or the step's compute where that is slower (a GEMM reads its
+    weights once for the whole batch), the tensor-parallel all-reduces of every layer (two per layer, each
+    batch x hidden), and a fixed cost per step: kernel launches per layer and the host's loop."""
+    hw, m = exp.hardware, exp.model
     dtype, mp = adapted.precision, L.model_parallel
-    peak = peak_flops(exp, dtype["compute"])
-    batch = exp.phase.batch_size
-    w_bytes = params_per_device(exp, L) * DTYPE_BYTES[dtype["param_init"]]
-    kv_per_token = 2 * m.num_layers * kv_heads(m) * head_dim(m) * DTYPE_BYTES[dtype["compute"]]
-    avg_context = prompt_tokens + new_tokens / 2
-    kv_read = batch * avg_context * kv_per_token / mp
-    mem_bw = hw.hbm_bandwidth_gbs * 1e9 * c["memory_efficiency"]
-    decode = (w_bytes + kv_read) / mem_bw + c.get("decode_overhead_ms", 0.0) / 1000
+    act = DTYPE_BYTES[dtype["compute"]]
+    weights = params_per_device(exp, L) * DTYPE_BYTES[dtype["param_init"]]
+    kv_per_token = 2 * m.num_layers * kv_heads(m) * head_dim(m) * act / mp
+    memory = (weights + batch * context * kv_per_token) / (hw.hbm_bandwidth_gbs * 1e9 * c["memory_efficiency"])
+    flops = 2 * matmul_params(m) / mp * batch + 4 * batch * context * m.hidden_size * m.num_layers / mp
+    compute = flops / (peak_flops(exp, dtype["compute"]) * c["compute_efficiency"])
+    tp = 0.0
+    if mp > 1:
+        per_reduce = 2 * (mp - 1) / mp * batch * m.hidden_size * act
+        tp = 2 * m.num_layers * per_reduce / (hw.intra_node_bandwidth_gbs * 1e9)
+    launches = m.num_layers * KERNELS_PER_LAYER * c.get("kernel_launch_us", 0.0) / 1e6
+    host = c.get("decode_overhead_ms", 0.0) / 1000
+    return {"weights_and_cache": memory, "compute": compute, "tensor_parallel_comm": tp, "launches": launches,
+            "host": host}
+
+
+def decode_step_s(terms: dict) -> float:
+    return max(terms["weights_and_cache"], terms["compute"]) + terms["tensor_parallel_comm"] + terms["launches"] + \
+        terms["host"]
+
+
+def predict_tokens_per_s(exp, L, adapted, c: dict, batch: int, prompt_tokens: int, new_tokens: int) -> tuple:
+    """(tokens/s over every sequence, prefill s, mean decode step s, decode terms at the mean context)."""
+    m = exp.model
+    dtype, mp = adapted.precision, L.model_parallel
+    peak = peak_flops(exp, dtype["compute"]) * c["compute_efficiency"]
+    # the prefill is compute: every prompt position through every GEMM, and causal attention; lm_head only for
+    # the last position
+    prefill_flops = (2 * (matmul_params(m) - embedding_params(m)) * prompt_tokens
+                     + 2 * m.num_layers * prompt_tokens ** 2 * m.hidden_size + 2 * embedding_params(m)) * batch / mp
+    prefill = prefill_flops / peak
     if not adapted.use_past:
-        # no KV cache (CPU): every token runs the whole network over the input padded to seq_length (static
-        # shapes), lm_head included, and the prefill is one such step
-        full_pass = 2 * matmul_params(m) * exp.data.seq_length * batch / (mp * peak * c["compute_efficiency"])
-        decode += full_pass
-        prefill = full_pass
-    else:
-        prefill = 2 * matmul_params(m) * prompt_tokens * batch / (mp * peak * c["compute_efficiency"])
-    total = prefill + new_tokens * decode
-    tps = batch * new_tokens / total
+        # no KV cache: every token runs the whole network over the input padded to seq_length, lm_head included
+        full_pass = 2 * matmul_params(m) * exp.data.seq_length * batch / (mp * peak)
+        step = full_pass + c.get("decode_overhead_ms", 0.0) / 1000
+        return batch * new_tokens / (full_pass + new_tokens * step), full_pass, step, {"full_pass": full_pass}
+    terms = decode_step_terms(exp, L, adapted, c, batch, prompt_tokens + new_tokens / 2)
+    step = decode_step_s(terms)
+    return batch * new_tokens / (prefill + new_tokens * step), prefill, step, terms
+
+
+def implied_batch(exp, L, adapted, c: dict, figure: float, prompt_tokens: int, new_tokens: int,
+                  devices: int, per_device: bool, limit: int = 4096) -> int | None:
+    """The batch at which the estimate equals a published figure (the figures do not state theirs), or None
+    when no batch up to `limit` reaches it."""
+    def rate(b):
+        tps = predict_tokens_per_s(exp, L, adapted, c, b, prompt_tokens, new_tokens)[0]
+        return tps / devices if per_device else tps
+    if rate(limit) < figure:
+        return None
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if rate(mid) >= figure:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def estimate_predict(exp, layout=None, adapted=None, prompt_tokens: int = PREDICT_PROMPT_TOKENS,
+                     new_tokens: int = PREDICT_NEW_TOKENS) -> ThroughputEstimate:
+    """Generation at the run's batch (phase.batch_size: the recipe's), prefill and decode apart. Where the
+    run reproduces a published row, also the batch at which the estimate equals the row ("implied batch")."""
+    hw, c, L = exp.hardware, constants(exp), layout or layout_of(exp)
+    adapted = adapted or adapt(exp)
+    batch = exp.phase.batch_size
+    tps, prefill, step, terms = predict_tokens_per_s(exp, L, adapted, c, batch, prompt_tokens, new_tokens)
+    implied = None
+    ref = exp.reference or {}
+    if ref.get("figure"):
+        per_device = str(ref.get("unit", "")).endswith("/p")
+        implied = implied_batch(exp, L, adapted, c, float(ref["figure"]), prompt_tokens, new_tokens, L.devices,
+                                per_device)
+    cache = ("on" if adapted.use_past else f"off (every token recomputes {exp.data.seq_length} positions)")
     return ThroughputEstimate(
-        kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / L.devices, step_s=decode,
-        terms_s={"decode_per_token": decode, "prefill": prefill, "weights_read_per_token": w_bytes / mem_bw},
-        uncertainty=c.get("predict_uncertainty", 0.0),
-        assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, "
-                    f"KV cache {'on' if adapted.use_past else f'off (every token recomputes {exp.data.seq_length} positions)'}, "
-                    f"HBM {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
+        kind="predict", tokens_per_s=tps, tokens_per_s_per_device=tps / L.devices, step_s=step,
+        terms_s={"prefill": prefill, "decode_step": step, **{f"decode_{k}": v for k, v in terms.items()}},
+        uncertainty=c.get("predict_uncertainty", 0.0), batch=batch, implied_batch=implied,
+        assumptions=f"batch {batch}, prompt {prompt_tokens} + {new_tokens} new tokens, KV cache {cache}, "
+                    f"memory {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
 
 
 def estimate_throughput(exp, layout=None, adapted=None) -> ThroughputEstimate | None:

@@ -3,12 +3,13 @@
 On CPU two MindFormers defaults need help (both from the field notes): greedy decoding calls mint.argmax,
 whose ArgMaxExt kernel is Ascend-only, so `use_cpu_argmax` gives MindFormers' text generator ops.Argmax,
 for this process (the in-process generator and the msrun worker's Trainer.predict alike); and sampling runs
-its logits processors in numpy (`postprocess_use_numpy`, set in the CPU config). The KV cache is Ascend-only
-too: the CPU config has use_past false, so each new token recomputes the sequence.
+its logits processors in numpy (`postprocess_use_numpy`, set in the CPU config). The KV cache's kernels are
+Ascend-only too: on the CPU the network is CPULlamaForCausalLM, whose attention is qwen15_exp.kv_cache_cpu's.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from qwen15_exp.errors import UserError
 
@@ -48,6 +49,13 @@ def load_params(network, checkpoint: str) -> None:
                         "choose the model=<size> the weights belong to")
 
 
+def answer_tokens(g, prompt_tokens: int, seq_length: int) -> int:
+    """The longest answer: generation.max_new_tokens when set, else what max_decode_length (MindFormers' cap on
+    prompt + answer) leaves, as MindFormers' generate reads them; never past seq_length."""
+    wanted = g.max_new_tokens if g.max_new_tokens is not None else g.max_decode_length - prompt_tokens
+    return max(1, min(wanted, seq_length - prompt_tokens - 1))
+
+
 def generation_kwargs(exp, seed: int | None = None) -> dict:
     """MindFormers generate() settings from phase.generation (greedy or sampling, eos ids). In the chat
     template generation also ends where a reply ends (<|im_end|> or a new <|im_start|>), so what is generated
@@ -67,22 +75,45 @@ def generation_kwargs(exp, seed: int | None = None) -> dict:
 
 
 class Streamer:
-    """MindFormers streamer protocol: the prompt first, then one token per step."""
+    """MindFormers' streamer protocol: the prompt first, then each step's tokens (one per sequence). Times the
+    first step (the prefill: time to first token) and hands batch 1's tokens to `on_token`."""
 
-    def __init__(self, on_token):
+    def __init__(self, on_token=None):
         self.on_token, self.seen_prompt = on_token, False
+        self.t_prompt = self.t_first = None
 
     def put(self, value):
+        now = time.perf_counter()
         if not self.seen_prompt:
-            self.seen_prompt = True
+            self.seen_prompt, self.t_prompt = True, now
             return
-        self.on_token(int(value[0] if hasattr(value, "__len__") else value))
+        if self.t_first is None:
+            self.t_first = now
+        if self.on_token is not None:
+            self.on_token(int(value[0] if hasattr(value, "__len__") else value))
 
     def end(self):
         pass
 
+    @property
+    def first_token_s(self) -> float | None:
+        return self.t_first - self.t_prompt if self.t_first is not None else None
+
+
+@dataclass
+class Generated:
+    """One batch's generation: each sequence's new token ids, the batch's wall time and time to first token."""
+    new_ids: list
+    seconds: float
+    first_token_s: float | None
+    logits: list | None = None          # per step, [batch, vocab] (return_logits=True; tests)
+
 
 class Generator:
+    """A MindFormers Llama network built from a mindformers.yaml's model section, with its weights, generating
+    through MindFormers' own `generate`. On the CPU with use_past it is the CPU model class, whose attention
+    is qwen15_exp.kv_cache_cpu's."""
+
     def __init__(self, mf_config: dict, checkpoint: str = "", quiet: bool = False):
         from mindformers import LlamaConfig, LlamaForCausalLM
         from mindformers.core.context import build_context
@@ -94,23 +125,64 @@ class Generator:
 
         build_context({"context": mf_config["context"], "parallel": {"parallel_mode": 0}, "use_parallel": False,
                        "postprocess_use_numpy": mf_config.get("postprocess_use_numpy", False)})
-        if mf_config["context"].get("device_target") == "CPU":
+        cpu = mf_config["context"].get("device_target") == "CPU"
+        if cpu:
             use_cpu_argmax()
-        mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k != "type"}
+        if cpu and mf_config["context"].get("mode") == 1:
+            # PyNative (mode 1, by override) queues kernels for a worker thread and waits for it at every .shape or
+            # .dtype read, which MindFormers' layers do per call (0.7 ms each on 2 cores): run them in this thread
+            import mindspore as ms
+            ms.runtime.launch_blocking()
+        mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k not in ("type", "max_new_tokens")}
         self.seq_length = mc["seq_length"]
-        self.model = LlamaForCausalLM(LlamaConfig(**mc, checkpoint_name_or_path=""))
-        self.model.set_train(False)
+        self.pad_token_id = mc.get("pad_token_id", 0)
+        model_class = LlamaForCausalLM
+        if cpu and mc.get("use_past"):
+            from qwen15_exp.mindformers_ext import CPULlamaForCausalLM
+            model_class = CPULlamaForCausalLM
         self.checkpoint = checkpoint
-        if checkpoint:
+        if checkpoint:                       # no random initialisation of weights about to be loaded
+            from mindspore.nn.utils import no_init_parameters
+            with no_init_parameters():
+                self.model = model_class(config=LlamaConfig(**mc, checkpoint_name_or_path=""))
             load_params(self.model, checkpoint)
+            self.model.init_parameters_data()            # what the checkpoint does not hold: the KV cache
+        else:
+            self.model = model_class(config=LlamaConfig(**mc, checkpoint_name_or_path=""))
+        self.model.set_train(False)
+
+    def room(self, prompts: list[list[int]]) -> int:
+        longest = max(len(p) for p in prompts)
+        if longest >= self.seq_length:
+            raise UserError(f"a prompt has {longest} tokens and seq_length is {self.seq_length}; shorten it (or "
+                            "clear the history) or raise data.seq_length")
+        return self.seq_length - longest
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, on_token=None,
+                       return_logits: bool = False, **kwargs) -> Generated:
+        """Each prompt's continuation, the batch in one `generate` (prompts right-padded with pad_token_id, as
+        MindFormers pads). Generation stops at the eos ids or after max_new_tokens (and at seq_length)."""
+        import numpy as np
+        new = min(max_new_tokens, self.room(prompts))
+        width = max(len(p) for p in prompts)
+        batch = np.full((len(prompts), width), self.pad_token_id, dtype=np.int32)
+        for i, p in enumerate(prompts):
+            batch[i, :len(p)] = p
+        streamer = Streamer(on_token)
+        if return_logits:
+            kwargs.update(return_dict_in_generate=True, output_logits=True)
+        t0 = time.perf_counter()
+        out = self.model.generate(batch.tolist(), max_new_tokens=new, streamer=streamer, **kwargs)
+        seconds = time.perf_counter() - t0
+        sequences = out["sequences"] if return_logits else out
+        new_ids = [[int(x) for x in seq[len(p):]] for seq, p in zip(sequences, prompts)]
+        logits = None
+        if return_logits:
+            logits = [np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x).reshape(len(prompts), -1)
+                      for x in out["logits"]]
+        return Generated(new_ids, seconds, streamer.first_token_s, logits)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None, **kwargs) -> tuple[list[int], float]:
-        """(new token ids, seconds). Generation stops at the configured eos ids or max_new_tokens."""
-        room = self.seq_length - len(prompt_ids)
-        if room < 1:
-            raise UserError(f"the prompt has {len(prompt_ids)} tokens and seq_length is {self.seq_length}; "
-                            "shorten it (or clear the history) or raise data.seq_length")
-        t0 = time.perf_counter()
-        out = self.model.generate([prompt_ids], max_new_tokens=min(max_new_tokens, room),
-                                  streamer=Streamer(on_token) if on_token else None, **kwargs)
-        return [int(x) for x in out[0][len(prompt_ids):]], time.perf_counter() - t0
+        """(new token ids, seconds) of one prompt."""
+        done = self.generate_batch([prompt_ids], max_new_tokens, on_token=on_token, **kwargs)
+        return done.new_ids[0], done.seconds

@@ -58,38 +58,54 @@ def run_eval(plan, exp, yaml_path: Path, request) -> Launched:
 
 
 def run_predict(plan, exp, yaml_path: Path, request) -> Launched:
-    """Generate for phase.predict_data (ChatML-wrapped for phase=chat); measure decode speed."""
+    """Generate for phase.predict_data in batches of phase.batch_size (ChatML-wrapped for phase=chat)."""
     from qwen15_exp.console import mindformers_output
     from qwen15_exp.data.chatml import cut_at_stop, make_context
     from qwen15_exp.data.tokenizer import load_tokenizer
-    from qwen15_exp.launch.generate import Generator, generation_kwargs
+    from qwen15_exp.launch.generate import Generator, answer_tokens, generation_kwargs
 
     tok = load_tokenizer(exp.data.tokenizer_dir or None)
     kwargs = generation_kwargs(exp)
-    g = exp.phase.generation
-    max_new = g.max_new_tokens or max(1, exp.data.seq_length // 4)
-    generated, tokens, seconds = [], 0, 0.0
+    g, batch = exp.phase.generation, exp.phase.batch_size
+    prompts = list(exp.phase.predict_data)
+    generated, batches = [], []
     t_call = time.perf_counter()
-    with in_run_dir(plan.run_dir, run_files.mindformers_env(plan.run_dir)), mindformers_output(plan.run_dir):
+    env = {**run_files.mindformers_env(plan.run_dir), **plan.env}       # the compile cache: graphs of earlier runs
+    with in_run_dir(plan.run_dir, env), mindformers_output(plan.run_dir):
         ckpt = exp.phase.load_checkpoint          # a MindFormers checkpoint by now (weights step)
         generator = Generator(plan.mindformers, ckpt)
-        for prompt in exp.phase.predict_data:
+        for start in range(0, len(prompts), batch):
+            group = prompts[start:start + batch]
             if exp.phase.chat:
-                ids = make_context(tok, prompt, [], exp.phase.system_prompt, exp.data.seq_length - max_new - 1)
+                window = exp.data.seq_length - answer_tokens(g, 0, exp.data.seq_length) - 1
+                ids = [make_context(tok, p, [], exp.phase.system_prompt, window) for p in group]
             else:
-                ids = tok.encode(prompt, add_special_tokens=False).ids
-            new, secs = generator.generate(ids, max_new, **kwargs)
-            text_ids = cut_at_stop(new) if exp.phase.chat else new
-            generated.append({"prompt": prompt, "text": tok.decode(text_ids), "new_tokens": len(new),
-                              "seconds": round(secs, 3)})
-            tokens += len(new)
-            seconds += secs
+                ids = [tok.encode(p, add_special_tokens=False).ids for p in group]
+            done = generator.generate_batch(ids, answer_tokens(g, max(map(len, ids)), exp.data.seq_length), **kwargs)
+            batches.append(done)
+            for prompt, new in zip(group, done.new_ids):
+                text_ids = cut_at_stop(new) if exp.phase.chat else new
+                generated.append({"prompt": prompt, "text": tok.decode(text_ids), "new_tokens": len(new)})
     peak = peak_rss_mb()
-    rate = round(tokens / seconds, 2) if seconds else None
-    figures = {"generated_tokens": tokens, "tokens_per_s": rate, "tokens_per_s_per_device": rate,
-               "weights": ckpt or "random (no phase.load_checkpoint)", "peak_rss_mb": round(peak, 1)}
+    figures = {**generation_figures(batches, batch), "weights": ckpt or "random (no phase.load_checkpoint)",
+               "peak_rss_mb": round(peak, 1)}
     return Launched("local", "predict", call_s=time.perf_counter() - t_call, peak_rss_mb=peak, figures=figures,
                     generated=generated)
+
+
+def generation_figures(batches: list, batch_size: int) -> dict:
+    """Tokens/s over every sequence of every batch; the prefill (time to first token) and the decode rate
+    apart, as a server's users see them."""
+    tokens = sum(len(ids) for b in batches for ids in b.new_ids)
+    seconds = sum(b.seconds for b in batches)
+    firsts = [b.first_token_s for b in batches if b.first_token_s is not None]
+    decode_tokens = sum(max(0, max(map(len, b.new_ids)) - 1) * len(b.new_ids) for b in batches)
+    decode_s = seconds - sum(firsts)
+    rate = round(tokens / seconds, 2) if seconds else None
+    return {"generated_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": rate,
+            "tokens_per_s_per_device": rate, "batch_size": batch_size, "batches": len(batches),
+            "time_to_first_token_s": round(firsts[0], 3) if firsts else None,
+            "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s > 0 and decode_tokens else None}
 
 
 def run_export(plan, exp, yaml_path: Path, request) -> Launched:

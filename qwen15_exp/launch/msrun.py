@@ -236,11 +236,14 @@ def run_msrun(plan, exp, kind: str, request):
 
 
 def predict_record(exp, ranks: list[dict]) -> dict:
-    """Rank 0's generated texts as the in-process predict reports them: one record per prompt. The data-parallel
-    ranks generate the same prompts (Trainer.predict does not split them)."""
-    texts = ranks[0]["generated"] if ranks else []
-    seconds = ranks[0].get("seconds") if ranks else None
-    generated = [{"prompt": p, "text": t} for p, t in zip(exp.phase.predict_data, texts)]
-    weights = exp.phase.load_checkpoint or "random (no phase.load_checkpoint)"
-    return {"generated": generated, "figures": {"generated_texts": len(generated), "seconds": seconds,
-                                                "weights": weights}}
+    """Rank 0's generations in the shape the in-process predict reports: one record per prompt, the tokens and
+    tokens/s. Data-parallel ranks generate the same prompts (Trainer.predict does not split them)."""
+    first = ranks[0] if ranks else {"generated": [], "seconds": 0.0}
+    generated = [{"prompt": p, "text": g["text"], "new_tokens": g["new_tokens"]}
+                 for p, g in zip(exp.phase.predict_data, first["generated"])]
+    tokens, seconds = sum(g["new_tokens"] for g in generated), first["seconds"]
+    rate = round(tokens / seconds, 2) if seconds else None
+    return {"generated": generated,
+            "figures": {"generated_tokens": tokens, "tokens_per_s": rate, "seconds": round(seconds, 3),
+                        "tokens_per_s_per_device": round(rate / len(ranks), 2) if rate else None,
+                        "weights": exp.phase.load_checkpoint or "random (no phase.load_checkpoint)"}}

@@ -55,10 +55,18 @@ def predict(config, run_dir: Path) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / run_files.TOKENIZER), eos_token=spec["eos_token"],
                                   pad_token=eos_token(False), additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     t0 = time.time()
-    out = Trainer(config, tokenizer=tok).predict(input_data=spec["inputs"], max_length=spec["max_length"])
+    # MindFormers' own reading of the two: max_new_tokens when given, else max_length (prompt + answer)
+    lengths = {"max_new_tokens": spec["max_new_tokens"]} if spec.get("max_new_tokens") else \
+        {"max_length": spec["max_length"]}
+    out = Trainer(config, tokenizer=tok).predict(input_data=spec["inputs"], **lengths)
+    seconds = time.time() - t0
     texts = [o["text_generation_text"][0] if isinstance(o, dict) else str(o) for o in out]
+    generated = []
+    for prompt, text in zip(spec["inputs"], texts):      # generate() returns the prompt and the new tokens
+        answer = text[len(prompt):] if text.startswith(prompt) else text
+        generated.append({"text": answer, "new_tokens": len(tok(answer, add_special_tokens=False)["input_ids"])})
     from qwen15_exp.launch.start import peak_rss_mb
-    return {"rank": rank_id(), "generated": texts, "seconds": time.time() - t0, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {"rank": rank_id(), "generated": generated, "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def die_with_parent() -> None:
