@@ -55,28 +55,42 @@ class ChatSession:
                 printed[0] = len(text)
 
         done = self.generator.generate_batch([prompt], self.max_new_tokens, on_token=on_token, **self.gen_kwargs)
-        new_ids, seconds = done.new_ids[0], done.seconds
+        new_ids = done.new_ids[0]
         answer_ids = cut_at_stop(new_ids)
         answer = self.tokenizer.decode(answer_ids).strip()
-        stop = new_ids[len(answer_ids)] if len(answer_ids) < len(new_ids) else None
-        ended = (STOP_IDS.get(stop, f"token {stop}") if stop is not None
-                 else f"max_new_tokens={self.max_new_tokens}")
+        ended = self.ended_by(answer_ids, new_ids)
         if not answer_ids:
             self.out.write(f"(no answer: the model's first token was {ended})")
         self.out.write("\n")
         self.out.write(f"[prompt {len(prompt)} tokens, history {len(self.history)} turns, answer "
                        f"{len(answer_ids)} tokens, ended by {ended}, {speed(done)}]\n")
         self.out.flush()
-        if self.transcript:
-            import json
-            with open(self.transcript, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"query": query, "answer": answer, "answer_tokens": len(answer_ids),
-                                    "ended_by": ended, "prompt_tokens": len(prompt),
-                                    "history_turns": len(self.history), "seconds": round(seconds, 3),
-                                    "first_token_s": done.first_token_s}, ensure_ascii=False) + "\n")
+        self.record(query, answer, answer_ids, new_ids, prompt, done)
         if self.keep_history:
             self.history.append((query, answer))
         return answer
+
+    def ended_by(self, answer_ids: list, new_ids: list) -> str:
+        stop = new_ids[len(answer_ids)] if len(answer_ids) < len(new_ids) else None
+        return STOP_IDS.get(stop, f"token {stop}") if stop is not None else f"max_new_tokens={self.max_new_tokens}"
+
+    def record(self, query: str, answer: str, answer_ids: list, new_ids: list, prompt: list, done) -> None:
+        """One turn appended to the transcript (JSON lines)."""
+        if not self.transcript:
+            return
+        import json
+        with open(self.transcript, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"query": query, "answer": answer, "answer_tokens": len(answer_ids),
+                                "ended_by": self.ended_by(answer_ids, new_ids), "prompt_tokens": len(prompt),
+                                "history_turns": len(self.history), "seconds": round(done.seconds, 3),
+                                "first_token_s": done.first_token_s, "batch": len(done.new_ids)},
+                               ensure_ascii=False) + "\n")
+
+
+def batch_speed(done) -> str:
+    tokens = sum(len(ids) for ids in done.new_ids)
+    first = f", first token {done.first_token_s:.2f} s" if done.first_token_s is not None else ""
+    return f"batch of {len(done.new_ids)}: {tokens} tokens in {done.seconds:.2f} s{first}, {tokens / done.seconds:.1f} tokens/s"
 
 
 def speed(done) -> str:
@@ -88,6 +102,22 @@ def speed(done) -> str:
         if tokens > 1 and done.seconds > done.first_token_s:
             parts.append(f"{(tokens - 1) / (done.seconds - done.first_token_s):.1f} tokens/s")
     return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
+
+
+def ask_batch(session: ChatSession, queries: list[str]) -> list[str]:
+    """Questions without history, generated as one batch; each answer printed after it, then the batch's speed."""
+    prompts = [make_context(session.tokenizer, q, [], session.system, session.max_window_size) for q in queries]
+    done = session.generator.generate_batch(prompts, session.max_new_tokens, **session.gen_kwargs)
+    answers = []
+    for q, prompt, new_ids in zip(queries, prompts, done.new_ids):
+        answer_ids = cut_at_stop(new_ids)
+        answer = session.tokenizer.decode(answer_ids).strip()
+        session.out.write(f"user> {q}\nassistant> {answer}\n")
+        session.record(q, answer, answer_ids, new_ids, prompt, done)
+        answers.append(answer)
+    session.out.write(f"[{batch_speed(done)}]\n")
+    session.out.flush()
+    return answers
 
 
 def interactive(session: ChatSession, stdin=sys.stdin) -> None:
@@ -169,9 +199,13 @@ def run_chat(exp, run_dir: str) -> None:
             questions = DEMO_QUESTIONS if opts.mode == "demo" else list(opts.questions or exp.phase.predict_data)
             if opts.mode == "demo":
                 session.keep_history = True
-            for q in questions:
-                print(f"user> {q}\nassistant> ", end="", flush=True)
-                session.ask(q)
+            if session.keep_history:              # each question sees the answers before it: one at a time
+                for q in questions:
+                    print(f"user> {q}\nassistant> ", end="", flush=True)
+                    session.ask(q)
+            else:
+                for start in range(0, len(questions), exp.phase.batch_size):
+                    ask_batch(session, questions[start:start + exp.phase.batch_size])
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ processors and the sampling stay MindFormers':
 - CPUInferAttention: InferAttention with rotary embedding from Mul/Concat, prefill attention on the step's own
   keys and values (causal), and decode attention through the manager above. Grouped KV heads are attended
   in groups (no repeated keys).
-- CPUCausalMask: the prefill mask computed for the prompt's length (MindFormers' builds a seq_length x
-  seq_length constant at construction: 256 MB at the 0.5B's 8192).
+- CPUCausalMask: no mask at all (the attention makes the prefill's, for the prompt's length); MindFormers'
+  builds a seq_length x seq_length constant at construction (256 MB at the 0.5B's 8192).
 
-Shapes: generation runs in PyNative mode with MindFormers' `is_dynamic` (its own no-padding path): the
-prefill takes the prompts padded only to the longest of the batch, never to seq_length, and a decode step
-reads only the cache blocks in use (block tables trimmed to the longest sequence). Measured against GRAPH
-mode on the 0.5B shape (bench/generate.py): a graph compiles once per distinct prefill length and block
-count (or runs dynamic-shape kernels), several seconds each at that size, while the per-kernel launch cost
-PyNative pays is a few percent of a decode step that reads 2 GB of weights; see docs/GENERATION.md.
+Shapes: the prefill takes the prompts right-padded to the longest of the batch only, never to seq_length
+(CPULlamaForCausalLM.prepare_inputs_for_generation), and a decode step reads only the cache blocks in use
+(block tables trimmed to the longest sequence). Both run as GRAPH-mode graphs with dynamic shapes (MindFormers'
+is_dynamic inputs): one compile each, for every prompt length, batch and context, kept by the compile cache.
+Measured on the 0.5B shape (batch 1 / 8, 64 new tokens): decode 5.8 / 18.7 tokens/s in GRAPH mode against
+2.4 / 11.6 in PyNative, whose per-kernel dispatch (and its thread hand-off at every .shape read) costs more
+than the compile; the same cells run in both.
 """
 from __future__ import annotations
 
@@ -137,16 +138,19 @@ class CPUInferAttention(nn.Cell):
         return (self.rotate(query, cos, sin, bs, seq, self.n_head),
                 self.rotate(key, cos, sin, bs, seq, self.n_kv_head))
 
-    def prefill_attention(self, query, key, value, attn_mask):
+    def prefill_attention(self, query, key, value):
         """Causal attention of the prompt over itself ([B, S, ...]); right padding is never attended by a valid
-        position, and padded positions' outputs are never read."""
+        position, and padded positions' outputs are never read. The mask is made here, for S: MindFormers hands
+        in none, or (in its predict run mode, which switches to flash attention) the flash kernel's."""
         bs, seq = query.shape[0], query.shape[1]
+        positions = ops.arange(seq, dtype=ms.int32)
+        future = ops.cast(positions.reshape(1, -1) > positions.reshape(-1, 1), ms.float32)
         q = query.reshape(bs, seq, self.n_kv_head, self.n_rep, self.head_dim).transpose(0, 2, 3, 1, 4)
         q = q.reshape(bs, self.n_kv_head, self.n_rep * seq, self.head_dim)
         k = key.reshape(bs, seq, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
         v = value.reshape(bs, seq, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
         scores = (self.bmm_qk(q, k) * self.scale_value).reshape(bs, self.n_kv_head, self.n_rep, seq, seq)
-        probs = self.softmax(scores + attn_mask.reshape(1, 1, 1, seq, seq))
+        probs = self.softmax(scores + (future * NEG_INF).reshape(1, 1, 1, seq, seq))
         out = self.bmm(probs.reshape(bs, self.n_kv_head, self.n_rep * seq, seq), v)      # [B, kv, rep x S, d]
         out = out.reshape(bs, self.n_kv_head, self.n_rep, seq, self.head_dim).transpose(0, 3, 1, 2, 4)
         return out.reshape(bs, seq, self.n_head * self.head_dim)
@@ -157,7 +161,7 @@ class CPUInferAttention(nn.Cell):
         written = self.paged_attention_mgr(key, value, slot_mapping, batch_valid_length)
         query = ops.depend(query, written)
         if self.is_first_iteration:
-            return self.prefill_attention(query, key, value, attn_mask)
+            return self.prefill_attention(query, key, value)
         return self.paged_attention_mgr.paged_attn(query, batch_valid_length, block_tables)
 
     def shard(self, parallel_config):
@@ -165,8 +169,8 @@ class CPUInferAttention(nn.Cell):
 
 
 class CPUCausalMask(nn.Cell):
-    """LowerTriangularMaskWithDynamic's constructor and call, without its seq_length^2 constant: the additive
-    causal mask of the prompt's length, [S, S] (0 on and below the diagonal, a large negative above)."""
+    """LowerTriangularMaskWithDynamic's constructor and call, without its seq_length^2 constant (256 MB at the
+    0.5B's 8192): CPUInferAttention makes the prefill's causal mask itself, for the prompt's length."""
 
     def __init__(self, seq_length, *args, **kwargs):
         super().__init__()
@@ -174,10 +178,7 @@ class CPUCausalMask(nn.Cell):
         self.is_first_iteration = True
 
     def construct(self, tokens=None, masks=None, seq_chunk=None):
-        seq = tokens.shape[1] if tokens is not None else masks.shape[1]
-        positions = ops.arange(seq, dtype=ms.int32)
-        future = positions.reshape(1, -1) > positions.reshape(-1, 1)
-        return ops.cast(future, ms.float32) * NEG_INF
+        return None
 
     def prefill(self):
         return None

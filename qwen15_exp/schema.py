@@ -227,7 +227,7 @@ class Supports:
     fused_rms_norm: bool = True
     sink_mode: bool = True
     semi_auto_parallel: bool = True       # model / pipeline parallel
-    kv_cache: bool = True                 # use_past (incremental decoding)
+    kv_cache: bool = True                 # MindFormers' paged-attention KV cache (Ascend kernels); else kv_cache_cpu.py
     npu_overflow_status: bool = True      # MFTrainOneStepCell's overflow check
     fused_adamw: bool = True              # AdamW in one kernel per parameter (Ascend fuses MindFormers' AdamW)
     lazy_inline: bool = True

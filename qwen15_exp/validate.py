@@ -247,16 +247,39 @@ def check_memory(exp, L, est) -> list[Problem]:
     if est.fits:
         return []
     m = exp.model
+    runtime = f" + process and weight loading {est.runtime_gb:.1f}" if est.runtime_gb else ""
+    terms = (f"estimated {est.total_gb:.1f} GB per device (weights {est.weights_gb:.1f} + gradients "
+             f"{est.gradients_gb:.1f} + optimizer {est.optimizer_gb:.1f} + activations {est.activations_gb:.1f}"
+             f" + KV cache {est.kv_cache_gb:.1f}{runtime}) for model {m.name} on {L.name}"
+             f"{f' (pipeline stage {est.stage})' if L.pipeline_stage > 1 else ''} is over the budget of "
+             f"{est.budget_gb:.0f} GB of {exp.hardware.name} by more than the estimate's "
+             f"{100 * est.uncertainty:.0f} % uncertainty")
+    fixed = est.weights_gb + est.runtime_gb          # what no batch or seq_length changes
+    if not exp.phase.trains and fixed * (1 - est.uncertainty) > est.budget_gb:
+        return [Problem("hardware", "hardware.max_device_memory", terms,
+                        f"the weights alone ({est.weights_gb:.1f} GB, {fixed:.1f} GB while they load) do not fit: "
+                        "choose a smaller model, or an Ascend profile to plan it over more devices")]
+    if not exp.phase.trains:
+        fit = fitting_seq_length(exp, L)
+        fix = ("the cache and the prefill grow with phase.batch_size x data.seq_length: lower them"
+               + (f" (data.seq_length={fit} fits at batch {exp.phase.batch_size})" if fit else "")
+               + ", or plan it for more devices")
+        return [Problem("hardware", "hardware.max_device_memory", terms, fix)]
     return [Problem(
-        "hardware", "hardware.max_device_memory",
-        f"estimated {est.total_gb:.1f} GB per device (weights {est.weights_gb:.1f} + gradients "
-        f"{est.gradients_gb:.1f} + optimizer {est.optimizer_gb:.1f} + activations {est.activations_gb:.1f}"
-        f" + KV cache {est.kv_cache_gb:.1f}) for model {m.name} on {L.name}"
-        f"{f' (pipeline stage {est.stage})' if L.pipeline_stage > 1 else ''} is over the budget of "
-        f"{est.budget_gb:.0f} GB of {exp.hardware.name} by more than the estimate's "
-        f"{100 * est.uncertainty:.0f} % uncertainty",
+        "hardware", "hardware.max_device_memory", terms,
         "spread the model over more devices (a larger model_parallel / pipeline_stage), turn on the parallel "
         "optimizer or recompute (phase.recompute.recompute=true), or shorten data.seq_length")]
+
+
+def fitting_seq_length(exp, L) -> int | None:
+    """The longest power-of-two seq_length (from 256) at which a generation job fits, if any."""
+    from dataclasses import replace
+    best, s = None, 256
+    while s < exp.data.seq_length:
+        if estimate_memory(replace(exp, data=replace(exp.data, seq_length=s)), L).fits:
+            best = s
+        s *= 2
+    return best
 
 
 def check_files(exp, executes: bool) -> list[Problem]:

@@ -1,5 +1,6 @@
 """Chat mechanics (ChatML context, history, /clear, stop tokens, streaming) and real CPU generation."""
 import io
+import json
 
 import pytest
 
@@ -38,12 +39,12 @@ class ScriptedGenerator:
 
     def generate_batch(self, prompts, max_new_tokens, on_token=None, **kw):
         from qwen15_exp.launch.generate import Generated
-        [prompt] = prompts
-        self.prompts.append(prompt)
+        self.prompts.extend(prompts)
+        self.batches = getattr(self, "batches", []) + [len(prompts)]
         new = TOK.encode("Hello there 你好", add_special_tokens=False).ids + [IM_END_ID, 872, 198]
-        for t in new:
+        for t in new if on_token else []:
             on_token(t)
-        return Generated([new], 0.5, 0.1)
+        return Generated([list(new) for _ in prompts], 0.5, 0.1)
 
 
 def test_interactive_session_keeps_history_clears_and_stops():
@@ -56,8 +57,22 @@ def test_interactive_session_keeps_history_clears_and_stops():
     text = out.getvalue()
     assert text.count("Hello there 你好\n") == 3 and "user\n" not in text.split("assistant> ")[1]   # cut at im_end
     assert "history cleared" in text and session.history == [("third", "Hello there 你好")]
-    # each answer's speed: 8 new tokens in 0.5 s, the first after 0.1 s: 7 more in 0.4 s
-    assert text.count("0.50 s: first token 0.10 s, 17.5 tokens/s]") == 3
+    # each answer's speed: 7 new tokens in 0.5 s, the first after 0.1 s: 6 more in 0.4 s
+    assert text.count("0.50 s: first token 0.10 s, 15.0 tokens/s]") == 3
+
+
+def test_questions_without_history_go_as_batches(tmp_path):
+    from qwen15_exp.chat import ask_batch
+    gen, out = ScriptedGenerator(), io.StringIO()
+    session = ChatSession(gen, TOK, "You are a helpful assistant.", 32, keep_history=False, out=out,
+                          transcript=tmp_path / "t.jsonl")
+    assert ask_batch(session, ["one", "two", "three"]) == ["Hello there 你好"] * 3
+    assert gen.batches == [3] and gen.prompts[1] == make_context(TOK, "two", [], "You are a helpful assistant.", 479)
+    text = out.getvalue()
+    assert text.count("assistant> Hello there 你好\n") == 3 and "[batch of 3: 21 tokens in 0.50 s" in text
+    turns = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [t["query"] for t in turns] == ["one", "two", "three"] and all(t["batch"] == 3 for t in turns)
+    assert turns[0]["ended_by"] == "<|im_end|>"
 
 
 def assert_quiet(r):

@@ -93,7 +93,7 @@ def test_a_run_process_does_without_pytorch_unless_asked():
     pytest.importorskip("torch")            # installed with the test extra: the case this is about
     probe = textwrap.dedent("""
         import importlib.util, sys
-        from qwen15_exp.launch.local import skip_pytorch_import
+        from qwen15_exp.launch.start import skip_pytorch_import
         skip_pytorch_import()
         import mindformers, scipy.stats, tensorboardX                 # noqa: F401
         print(importlib.util.find_spec("torch") is None, "torch" in sys.modules)

@@ -6,7 +6,7 @@ import pytest
 from qwen15_exp.estimate.memory import GB, estimate_memory, layer_activation_bytes, params_per_device, stage_layers
 from qwen15_exp.estimate.throughput import estimate_predict, estimate_train, matmul_params, train_flops_per_token
 from qwen15_exp.compose import group_options
-from helpers import make_experiment
+from helpers import make_experiment, run_cli
 
 def test_activation_memory_per_layer_of_a_qwen_layer():
     """Counted by hand for Qwen1.5-7B (h 4096, f 11008, 32 heads, no GQA) at s 4096, b 1, 16-bit."""
@@ -79,8 +79,40 @@ def test_pipeline_bubble_and_comm_terms_behave():
 
 def test_predict_is_memory_bound_and_states_its_batch():
     est = estimate_predict(make_experiment(["+experiment=recipe/predict_7b_chat"]))
-    assert est.terms_s["weights_read_per_token"] == pytest.approx(7_721_324_544 * 2 / (1600e9 * 0.7), rel=0.01)
-    assert "batch 1" in est.assumptions
+    # 7B chat in bf16: 7,721,324,544 weights x 2 bytes over 1.6 TB/s x memory_efficiency 0.7, plus a little KV cache
+    weights_s = 7_721_324_544 * 2 / (1600e9 * 0.7)
+    assert est.terms_s["decode_weights_and_cache"] == pytest.approx(weights_s, rel=0.02)
+    assert est.terms_s["decode_weights_and_cache"] > est.terms_s["decode_compute"]          # batch 1: memory bound
+    assert est.batch == 1 and "batch 1" in est.assumptions
+    at8 = estimate_predict(make_experiment(["+experiment=recipe/predict_7b_chat", "phase.batch_size=8"]))
+    assert at8.batch == 8 and 6 < at8.tokens_per_s / est.tokens_per_s < 8         # the weights read once for 8
+
+
+def test_the_implied_batch_of_a_published_predict_row_gives_the_published_figure():
+    """The rows state no batch: the implied batch is the smallest at which the estimate reaches the row's figure,
+    so the estimate there is at or above it, and one batch less is below it."""
+    from dataclasses import replace
+    for row in ("predict_7b_chat", "predict_0_5b_chat", "predict_72b_chat"):
+        exp = make_experiment([f"+table=800t_a2/{row}"])
+        est = estimate_predict(exp)
+        implied, figure = est.implied_batch, exp.reference["figure"]
+        assert est.batch == exp.phase.batch_size and implied and implied > 1, row
+        at = estimate_predict(replace(exp, phase=replace(exp.phase, batch_size=implied)))
+        below = estimate_predict(replace(exp, phase=replace(exp.phase, batch_size=implied - 1)))
+        assert at.tokens_per_s >= figure > below.tokens_per_s, row
+
+
+def test_a_predict_table_sweep_reports_the_batch_and_the_implied_batch(tmp_path):
+    import csv
+    r = run_cli(["-m", "+experiment=table_800t_a2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(next((tmp_path / "outputs" / "multirun").rglob("sweep_report.csv")).open()))
+    predict = [row for row in rows if row["phase"] in ("predict", "chat")]
+    assert len(predict) == 7
+    assert all(row["batch"] == "1" and int(row["implied_batch"]) > 1 for row in predict)
+    assert all(row["batch"] == "" for row in rows if row not in predict)
+    report = next((tmp_path / "outputs" / "multirun").rglob("sweep_report.md")).read_text()
+    assert "implied_batch" in report and "no batch is" in report
 
 
 def published_rows(table):

@@ -112,8 +112,9 @@ def test_cpu_sweep_measures_and_estimates(tmp_path):
 
 @pytest.mark.slow
 def test_predict_plan_runs_through_msrun_and_trainer_predict(tmp_path):
-    """The path an Ascend predict plan takes (msrun -> worker -> Trainer.predict), executed here on CPU."""
-    r = run_cli(["phase=predict", "launch.mode=msrun", "phase.predict_data=[hello world]",
+    """The path an Ascend predict plan takes (msrun -> worker), executed here on CPU with two workers: the generated
+    texts reach result.json and the summary as the in-process run's do."""
+    r = run_cli(["phase=predict", "parallel=dp2", "phase.predict_data=[hello world]",
                  "phase.generation.max_decode_length=24"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -125,7 +126,8 @@ def test_predict_plan_runs_through_msrun_and_trainer_predict(tmp_path):
     assert generated["prompt"] == "hello world" and not generated["text"].startswith("hello world")
     assert result["measured"]["generated_tokens"] == generated["new_tokens"] > 0
     assert result["measured"]["tokens_per_s"] > 0
-    assert f"generated {generated['new_tokens']} tokens at" in r.stdout and "> 'hello world' -> " in r.stdout
+    assert generated["new_tokens"] == 24 - 2              # max_decode_length bounds the prompt (2 tokens) + answer
+    assert f"generated {generated['new_tokens']} tokens" in r.stdout and "> 'hello world' -> " in r.stdout
 
 
 @pytest.mark.parametrize("overrides, per_node", [
@@ -244,7 +246,7 @@ def test_the_shared_compile_cache_stays_under_its_size_least_recently_used_going
 
 DEFERRED_NLTK = """
 import sys, time
-from qwen15_exp.launch.local import defer_nltk_init, skip_pytorch_import
+from qwen15_exp.launch.start import defer_nltk_init, skip_pytorch_import
 skip_pytorch_import()
 defer_nltk_init()
 import mindformers.core.metric.metric as metric

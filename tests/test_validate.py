@@ -105,3 +105,18 @@ def test_missing_tokenizer_dir_is_a_clear_error(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "data.tokenizer_dir" in r.stderr and "/nonexistent/vocab.json" in r.stderr
     assert not list((tmp_path / "outputs").rglob("mindformers.yaml"))
+
+
+def test_a_generation_job_that_would_not_fit_is_refused_with_the_seq_length_that_fits():
+    """The cache (batch x seq_length) and the prefill's scores grow with the batch: a 0.5B chat at batch 32 and
+    seq_length 8192 cannot fit 24 GB; the fix names a seq_length that does, and that one validates."""
+    exp = make_experiment(["model=0_5b", "phase=chat", "hardware=cpu", "phase.batch_size=32",
+                           "hardware.device_memory_gb=24"])
+    [problem] = validate(exp)
+    assert problem.key == "hardware.max_device_memory" and "KV cache" in problem.message
+    fit = int(problem.fix.split("data.seq_length=")[1].split()[0])
+    assert fit < 8192
+    assert not validate(make_experiment(["model=0_5b", "phase=chat", "hardware=cpu", "phase.batch_size=32",
+                                         "hardware.device_memory_gb=24", f"data.seq_length={fit}"]))
+    [weights] = validate(make_experiment(["model=7b", "phase=predict", "hardware=cpu", "hardware.device_memory_gb=24"]))
+    assert "the weights alone" in weights.fix

@@ -113,6 +113,7 @@ class MemoryEstimate:
     budget_gb: float
     uncertainty: float = 0.0          # +- share of total_gb the estimate may be off (hardware.estimate)
     stage: int = 0                    # the pipeline stage this is (0 with one stage)
+    runtime_gb: float = 0.0           # generation on a CPU: the process itself and the weights' load copy
 
     @property
     def fits(self) -> bool:
@@ -208,6 +209,18 @@ def kv_cache_bytes(exp, layout, adapted, dtype_bytes: int) -> float:
     return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / layout.model_parallel
 
 
+def generation_activation_bytes(exp, layout, flash: bool, dtype_bytes: int) -> float:
+    """The largest transient of a forward pass without training: a prefill of batch x the longest prompt
+    (seq_length at most), its attention scores and softmax (batch x heads x prompt^2, twice), the layer's
+    hidden-wide and MLP-wide tensors, and the logits of the last positions. Flash attention keeps no scores."""
+    m, b, s = exp.model, exp.phase.batch_size, exp.data.seq_length
+    t = layout.model_parallel
+    scores = 0 if flash else 2 * b * m.num_heads / t * s * s
+    hidden = b * s * (6 * m.hidden_size + 3 * m.intermediate_size / t)
+    logits = b * m.vocab_size / t
+    return (scores + hidden + logits) * dtype_bytes
+
+
 def estimate_memory(exp, layout=None, adapted=None) -> MemoryEstimate:
     """Per-device memory of the run as the target hardware will execute it (after the adaptations); a run
     hands in the layout and adaptations it computed once."""
@@ -239,14 +252,18 @@ def _stage_estimate(exp, layout, adapted, stage: int) -> MemoryEstimate:
     optimizer = n_train * 8 / shard if training else 0
     acts = activation_bytes(exp, layout, adapted.flash_attention, act_bytes, stage) if training else 0
     kv = kv_cache_bytes(exp, layout, adapted, act_bytes) if ph.run_mode == "predict" else 0
-    if not training:                                # prefill of one sequence, no stored activations
-        acts = 4 * exp.data.seq_length * exp.model.vocab_size / layout.model_parallel
-    total = weights + grads + optimizer + acts + kv
+    runtime = 0.0
+    if not training:
+        acts = generation_activation_bytes(exp, layout, adapted.flash_attention, act_bytes)
+        if ph.run_mode == "predict" and exp.hardware.device_target == "CPU":
+            # the process (MindSpore, MindFormers, their libraries) and, while the weights load, their copy
+            runtime = float(exp.hardware.estimate.get("process_gb", 0.0)) * GB + weights
+    total = weights + grads + optimizer + acts + kv + runtime
     budget = parse_gb(exp.hardware.max_device_memory) or exp.hardware.device_memory_gb
     return MemoryEstimate(
         params_per_device=n, weights_gb=weights / GB, gradients_gb=grads / GB, optimizer_gb=optimizer / GB,
         activations_gb=acts / GB, kv_cache_gb=kv / GB, total_gb=total / GB, budget_gb=float(budget),
-        uncertainty=float(exp.hardware.estimate.get("memory_uncertainty", 0.0)), stage=stage)
+        uncertainty=float(exp.hardware.estimate.get("memory_uncertainty", 0.0)), stage=stage, runtime_gb=runtime / GB)
 
 
 def cpu_training_bytes(exp) -> float:

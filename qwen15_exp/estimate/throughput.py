@@ -263,7 +263,6 @@ def estimate_train(exp, layout=None, adapted=None) -> ThroughputEstimate:
 
 PREDICT_PROMPT_TOKENS = 256
 PREDICT_NEW_TOKENS = 256
-KERNELS_PER_LAYER = 24           # a decode step's kernels in one layer (norms, q/k/v/o, rotary, cache, attention, MLP)
 
 
 def decode_step_terms(exp, L, adapted, c: dict, batch: int, context: float) -> dict:
@@ -276,14 +275,16 @@ def decode_step_terms(exp, L, adapted, c: dict, batch: int, context: float) -> d
     act = DTYPE_BYTES[dtype["compute"]]
     weights = params_per_device(exp, L) * DTYPE_BYTES[dtype["param_init"]]
     kv_per_token = 2 * m.num_layers * kv_heads(m) * head_dim(m) * act / mp
-    memory = (weights + batch * context * kv_per_token) / (hw.hbm_bandwidth_gbs * 1e9 * c["memory_efficiency"])
+    bandwidth = hw.hbm_bandwidth_gbs * 1e9 * c.get("decode_memory_efficiency", c["memory_efficiency"])
+    memory = (weights + batch * context * kv_per_token) / bandwidth
     flops = 2 * matmul_params(m) / mp * batch + 4 * batch * context * m.hidden_size * m.num_layers / mp
-    compute = flops / (peak_flops(exp, dtype["compute"]) * c["compute_efficiency"])
+    compute = flops / (peak_flops(exp, dtype["compute"]) * c.get("decode_compute_efficiency", c["compute_efficiency"]))
     tp = 0.0
     if mp > 1:
         per_reduce = 2 * (mp - 1) / mp * batch * m.hidden_size * act
         tp = 2 * m.num_layers * per_reduce / (hw.intra_node_bandwidth_gbs * 1e9)
-    launches = m.num_layers * KERNELS_PER_LAYER * c.get("kernel_launch_us", 0.0) / 1e6
+    launch_us = c.get("decode_kernel_launch_us", c.get("kernel_launch_us", 0.0))
+    launches = m.num_layers * KERNELS_PER_LAYER * launch_us / 1e6
     host = c.get("decode_overhead_ms", 0.0) / 1000
     return {"weights_and_cache": memory, "compute": compute, "tensor_parallel_comm": tp, "launches": launches,
             "host": host}
@@ -298,7 +299,7 @@ def predict_tokens_per_s(exp, L, adapted, c: dict, batch: int, prompt_tokens: in
     """(tokens/s over every sequence, prefill s, mean decode step s, decode terms at the mean context)."""
     m = exp.model
     dtype, mp = adapted.precision, L.model_parallel
-    peak = peak_flops(exp, dtype["compute"]) * c["compute_efficiency"]
+    peak = peak_flops(exp, dtype["compute"]) * c.get("prefill_compute_efficiency", c["compute_efficiency"])
     # the prefill is compute: every prompt position through every GEMM, and causal attention; lm_head only for
     # the last position
     prefill_flops = (2 * (matmul_params(m) - embedding_params(m)) * prompt_tokens

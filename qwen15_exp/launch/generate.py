@@ -43,7 +43,9 @@ def load_params(network, checkpoint: str) -> None:
     fmt = "safetensors" if checkpoint.endswith(".safetensors") else "ckpt"
     params = ms.load_checkpoint(checkpoint, format=fmt)
     missing, _ = ms.load_param_into_net(network, params, strict_load=False)
-    missing = [m for m in missing if not m.startswith(("adam_", "global_step"))]
+    # the KV cache is state, not weights: no checkpoint holds it
+    missing = [m for m in missing if not m.startswith(("adam_", "global_step"))
+               and not m.endswith((".key_cache", ".value_cache"))]
     if missing:
         raise UserError(f"{checkpoint} does not fit model: {len(missing)} parameters missing, e.g. {missing[:3]}; "
                         "choose the model=<size> the weights belong to")
@@ -72,6 +74,23 @@ def generation_kwargs(exp, seed: int | None = None) -> dict:
     if seed is not None:
         kwargs["seed"] = seed
     return kwargs
+
+
+def _not_mindformers(record) -> bool:
+    return "/mindformers/" not in record.pathname
+
+
+def quiet_mindformers_logs() -> None:
+    """MindFormers' INFO lines off the terminal: its own loggers at WARNING, and the root logger's handlers
+    (which Hydra points at the terminal) drop records from MindFormers' files, such as its cache engine's
+    `logging.info("free block num in pool")` every generation."""
+    import logging
+    for name, log in list(logging.root.manager.loggerDict.items()):
+        if "mindformers" in name and isinstance(log, logging.Logger):
+            log.setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if _not_mindformers not in handler.filters:
+            handler.addFilter(_not_mindformers)
 
 
 class Streamer:
@@ -118,10 +137,7 @@ class Generator:
         from mindformers import LlamaConfig, LlamaForCausalLM
         from mindformers.core.context import build_context
         if quiet:                          # MindFormers logs every generate() call to stdout
-            import logging
-            for name, log in list(logging.root.manager.loggerDict.items()):
-                if "mindformers" in name and isinstance(log, logging.Logger):
-                    log.setLevel(logging.WARNING)
+            quiet_mindformers_logs()
 
         build_context({"context": mf_config["context"], "parallel": {"parallel_mode": 0}, "use_parallel": False,
                        "postprocess_use_numpy": mf_config.get("postprocess_use_numpy", False)})
@@ -135,6 +151,7 @@ class Generator:
             ms.runtime.launch_blocking()
         mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k not in ("type", "max_new_tokens")}
         self.seq_length = mc["seq_length"]
+        self.batch_size = mc.get("batch_size", 1)         # the KV cache holds this many sequences
         self.pad_token_id = mc.get("pad_token_id", 0)
         model_class = LlamaForCausalLM
         if cpu and mc.get("use_past"):
@@ -163,6 +180,9 @@ class Generator:
         """Each prompt's continuation, the batch in one `generate` (prompts right-padded with pad_token_id, as
         MindFormers pads). Generation stops at the eos ids or after max_new_tokens (and at seq_length)."""
         import numpy as np
+        if len(prompts) > self.batch_size and self.model.use_past:
+            raise UserError(f"{len(prompts)} prompts in one batch, but the KV cache was sized for "
+                            f"phase.batch_size={self.batch_size}; raise phase.batch_size")
         new = min(max_new_tokens, self.room(prompts))
         width = max(len(p) for p in prompts)
         batch = np.full((len(prompts), width), self.pad_token_id, dtype=np.int32)

@@ -39,6 +39,28 @@ def rank_id() -> int:
     return 0
 
 
+def predict_on_cpu(config, run_dir: Path, spec: dict) -> dict:
+    """A CPU worker generates as the in-process predict does (launch/generate.py: the CPU KV cache), in batches
+    of the plan's batch size. Trainer.predict builds its own pipeline around MindFormers' Ascend attention."""
+    from tokenizers import Tokenizer
+
+    from qwen15_exp.launch.generate import Generator
+    from qwen15_exp.launch.start import peak_rss_mb
+    tok = Tokenizer.from_file(str(run_dir / run_files.TOKENIZER))
+    generator = Generator(config, config.load_checkpoint or "", quiet=True)
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p in spec["inputs"]]
+    eos = [tok.token_to_id(spec["eos_token"])]
+    generated, seconds = [], 0.0
+    for start in range(0, len(prompts), spec["batch_size"]):
+        group = prompts[start:start + spec["batch_size"]]
+        longest = max(map(len, group))
+        new = spec["max_new_tokens"] or max(1, spec["max_length"] - longest)
+        done = generator.generate_batch(group, new, eos_token_id=eos, do_sample=False)
+        seconds += done.seconds
+        generated += [{"text": tok.decode(ids), "new_tokens": len(ids)} for ids in done.new_ids]
+    return {"rank": rank_id(), "generated": generated, "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
 def predict(config, run_dir: Path) -> dict:
     """Trainer.predict on the prompts the plan wrote (predict_data.json), with its tokenizer.json."""
     import json
@@ -49,9 +71,11 @@ def predict(config, run_dir: Path) -> dict:
     from qwen15_exp.data.chatml import eos_token
     from qwen15_exp.launch.generate import use_cpu_argmax
 
+    spec = json.loads((run_dir / run_files.PREDICT_DATA).read_text())
     if config.context.device_target == "CPU":
         use_cpu_argmax()
-    spec = json.loads((run_dir / run_files.PREDICT_DATA).read_text())
+        if config.model.model_config.use_past:
+            return predict_on_cpu(config, run_dir, spec)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / run_files.TOKENIZER), eos_token=spec["eos_token"],
                                   pad_token=eos_token(False), additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     t0 = time.time()
