@@ -43,6 +43,7 @@ def invalid_result(tmp_path):
     return result
 
 
+@pytest.mark.slow                 # the CLI reads the weights with MindSpore
 @pytest.mark.parametrize("name,content", [("garbage.ckpt", b"\x00\x01not a checkpoint" * 100),
                                           ("garbage.safetensors", b"\xff" * 64)])
 def test_corrupt_checkpoint_file(tmp_path, name, content):
@@ -53,6 +54,7 @@ def test_corrupt_checkpoint_file(tmp_path, name, content):
     invalid_result(tmp_path)
 
 
+@pytest.mark.slow                 # the CLI reads the weights with MindSpore
 def test_truncated_safetensors_and_hf_folder(tmp_path):
     hf = hf_folder(tmp_path / "hf")
     data = (hf / "model.safetensors").read_bytes()
@@ -68,6 +70,7 @@ def test_truncated_safetensors_and_hf_folder(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.slow                 # the CLI reads the weights with MindSpore
 def test_weights_of_another_model_are_named_before_anything_is_built(tmp_path):
     """The report: chat model=0_5b with a tiny HF folder ended after 28 s in load_param_into_net."""
     hf = hf_folder(tmp_path / "hf")

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow          # MindSpore kernels run in this process
+
 
 @pytest.mark.parametrize("per_token", [False, True])
 def test_the_log_softmax_loss_equals_mindformers_cross_entropy(per_token):

@@ -3,6 +3,8 @@ AdamW and PyTorch's AdamW do: bias-corrected moments, decoupled weight decay, pe
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow          # MindSpore kernels run in this process
+
 BETAS, EPS, LR, WD, STEPS = (0.9, 0.95), 1e-8, 1e-2, 0.1, 6
 
 

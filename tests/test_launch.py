@@ -258,6 +258,7 @@ print(loaded, score, list(ngrams("abc", 2)), "nltk.chunk" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_mindformers_imports_the_real_bleu_without_all_of_nltk(tmp_path):
     # nltk's package __init__ (1.1 s of every run's start) waits for a use; MindFormers' metric gets the real
     # sentence_bleu: the same score as nltk imported whole
