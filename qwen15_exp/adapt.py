@@ -89,7 +89,7 @@ def adapt(exp) -> Adapted:
         notes.append(f"KV cache: MindFormers' paged-attention kernels are Ascend-only; {name} decodes against "
                      f"qwen15_exp's CPU cache (the same block tables and slot mapping; {kv_blocks} blocks of "
                      f"{g.block_size} = batch {ph.batch_size} x seq_length {exp.data.seq_length}); prompts padded to "
-                     "the batch's longest only, one graph each for prefill and decode (dynamic shapes)")
+                     "the batch's longest only, prefill kernel by kernel, decode steps as one dynamic-shape graph")
     if not sup.semi_auto_parallel:
         notes.append(f"parallel.parallel_mode: 1 -> 0 (semi-auto parallel does not run on {name}; data parallel "
                      "only)")

@@ -18,11 +18,13 @@ processors and the sampling stay MindFormers':
 
 Shapes: the prefill takes the prompts right-padded to the longest of the batch only, never to seq_length
 (CPULlamaForCausalLM.prepare_inputs_for_generation), and a decode step reads only the cache blocks in use
-(block tables trimmed to the longest sequence). Both run as GRAPH-mode graphs with dynamic shapes (MindFormers'
-is_dynamic inputs): one compile each, for every prompt length, batch and context, kept by the compile cache.
-Measured on the 0.5B shape (batch 1 / 8, 64 new tokens): decode 5.8 / 18.7 tokens/s in GRAPH mode against
-2.4 / 11.6 in PyNative, whose per-kernel dispatch (and its thread hand-off at every .shape read) costs more
-than the compile; the same cells run in both.
+(block tables trimmed to the longest sequence). The decode steps run as one GRAPH-mode graph with dynamic shapes
+(MindFormers' is_dynamic inputs): one compile for every batch and context, kept by the compile cache. Measured on
+the 0.5B shape (batch 1 / 8, 64 new tokens): decode 5.8 / 18.7 tokens/s in GRAPH mode against 2.4 / 11.6 in
+PyNative, whose per-kernel dispatch costs more than the compile. The prefill runs in PyNative
+(CPULlamaForCausalLM._incremental_infer): a dynamic-shape CPU graph keeps every intermediate tensor until the pass
+ends (a 0.5B prefill of 8 x 460 tokens passed 24 GB), PyNative frees each as it goes and needs no compile; the
+prefill is a few large GEMMs, where dispatch costs little. The same cells run in both.
 """
 from __future__ import annotations
 

@@ -153,6 +153,24 @@ class CPULlamaForCausalLM(LlamaForCausalLM):
         last = (batch_valid_length - 1).reshape(-1, 1, 1).astype(ms.int32)
         return ops.gather_elements(output, 1, ops.tile(last, (1, 1, self.config.hidden_size)))
 
+    def _incremental_infer(self, model_inputs, prefill, current_index, key_cache=None, value_cache=None,
+                           need_flatten=False):
+        """The prefill kernel by kernel (PyNative), the decode steps as MindFormers' compiled graph. A
+        dynamic-shape graph on the CPU keeps every intermediate tensor of the pass until it ends: a 0.5B
+        prefill of 8 x 460 tokens passed 24 GB that way, and PyNative frees each as it goes (and needs no compile)."""
+        if not (self.use_past and prefill and os.environ.get("QWEN15_EXP_GRAPH_PREFILL") != "1"):
+            return super()._incremental_infer(model_inputs, prefill, current_index, key_cache, value_cache,
+                                              need_flatten)
+        graph = ms.get_context("mode")
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        self.add_flags_custom(is_first_iteration=True)
+        try:
+            return super()._incremental_infer(model_inputs, prefill, current_index, key_cache, value_cache,
+                                              need_flatten)
+        finally:
+            ms.set_context(mode=graph)
+            self.add_flags_custom(is_first_iteration=False)
+
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         """With the KV cache: the prefill takes the prompts right-padded to the longest of the batch only (not to
         seq_length, and not flattened), and a decode step the block-table columns in use."""

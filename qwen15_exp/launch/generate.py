@@ -8,6 +8,7 @@ Ascend-only too: on the CPU the network is CPULlamaForCausalLM, whose attention 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -144,9 +145,10 @@ class Generator:
         cpu = mf_config["context"].get("device_target") == "CPU"
         if cpu:
             use_cpu_argmax()
-        if cpu and mf_config["context"].get("mode") == 1:
-            # PyNative (mode 1, by override) queues kernels for a worker thread and waits for it at every .shape or
-            # .dtype read, which MindFormers' layers do per call (0.7 ms each on 2 cores): run them in this thread
+        if cpu and os.environ.get("QWEN15_EXP_ASYNC_KERNELS") != "1":
+            # the prefill runs in PyNative (CPULlamaForCausalLM), which queues kernels for a worker thread and waits
+            # for it at every .shape or .dtype read, as MindFormers' layers do per call (0.7 ms each on 2 cores):
+            # run them in this thread instead
             import mindspore as ms
             ms.runtime.launch_blocking()
         mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k not in ("type", "max_new_tokens")}
