@@ -76,15 +76,16 @@ def load_group_option(group: str, name: str, schema) -> object:
 
 
 def fits_this_machine(exp: Experiment) -> bool:
-    """The CPU profile can run it: one node, data parallel only, and the fp32 training state fits in RAM."""
-    from qwen15_exp.estimate.memory import cpu_training_bytes
+    """The CPU profile can run it: one node, data parallel only, and its memory (fp32 training state, or weights
+    and KV cache) fits in RAM."""
+    from qwen15_exp.estimate.memory import cpu_run_bytes
     cpu = load_group_option("hardware", "cpu", HardwareConfig)
     dp, mp, pp, cp = degrees(exp.parallel)
     if min(dp, mp, pp, cp, exp.phase.batch_size) < 1 or exp.data.seq_length < 1:
         return True                       # nonsense degrees: validate() names them, on whichever hardware
     if mp > 1 or pp > 1 or cp > 1 or dp > cpu.devices_per_node:
         return False
-    return cpu_training_bytes(exp) * dp < 0.8 * cpu.device_memory_gb * 2**30
+    return cpu_run_bytes(exp, cpu) * dp < 0.8 * cpu.device_memory_gb * 2**30
 
 
 def absolute_path(p: str, base: str | None = None) -> str:

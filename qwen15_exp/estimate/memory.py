@@ -209,11 +209,21 @@ def kv_cache_bytes(exp, layout, adapted, dtype_bytes: int) -> float:
     return 2 * m.num_layers * tokens * kv_heads(m) * head_dim(m) * dtype_bytes / layout.model_parallel
 
 
+def longest_prompt_tokens(exp) -> int:
+    """A bound on the prefill's length. Chat's history may fill seq_length; prompts given in
+    phase.predict_data are at most their UTF-8 bytes long in tokens (a byte-level BPE token covers at least one
+    byte), so `predict model=0_5b` with a short prompt is not sized as an 8192-token prefill."""
+    ph, s = exp.phase, exp.data.seq_length
+    if ph.predict_data and not ph.chat:
+        return max(1, min(s, max(len(p.encode()) for p in ph.predict_data)))
+    return s
+
+
 def generation_activation_bytes(exp, layout, flash: bool, dtype_bytes: int) -> float:
     """The largest transient of a forward pass without training: a prefill of batch x the longest prompt
-    (seq_length at most), its attention scores and softmax (batch x heads x prompt^2, twice), the layer's
+    (longest_prompt_tokens), its attention scores and softmax (batch x heads x prompt^2, twice), the layer's
     hidden-wide and MLP-wide tensors, and the logits of the last positions. Flash attention keeps no scores."""
-    m, b, s = exp.model, exp.phase.batch_size, exp.data.seq_length
+    m, b, s = exp.model, exp.phase.batch_size, longest_prompt_tokens(exp)
     t = layout.model_parallel
     scores = 0 if flash else 2 * b * m.num_heads / t * s * s
     hidden = b * s * (6 * m.hidden_size + 3 * m.intermediate_size / t)
@@ -266,10 +276,10 @@ def _stage_estimate(exp, layout, adapted, stage: int) -> MemoryEstimate:
         uncertainty=float(exp.hardware.estimate.get("memory_uncertainty", 0.0)), stage=stage, runtime_gb=runtime / GB)
 
 
-def cpu_training_bytes(exp) -> float:
-    """Bytes one CPU worker needs for this run in fp32 (used to decide hardware=auto)."""
+def cpu_run_bytes(exp, cpu_profile) -> float:
+    """Bytes one CPU worker needs for this run as the cpu profile would run it (used to decide hardware=auto):
+    fp32 training state for training, weights, KV cache and prefill for generation."""
     from copy import deepcopy
-    from qwen15_exp.schema import Supports
     probe = deepcopy(exp)
-    probe.hardware.supports = Supports(bfloat16=False, float16=False, flash_attention=False)
+    probe.hardware = deepcopy(cpu_profile)
     return _estimate(probe, layout_of(probe), adapt(probe)).total_gb * GB

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from qwen15_exp.adapt import adapt
-from qwen15_exp.estimate.memory import (DTYPE_BYTES, embedding_params, head_dim, kv_heads, layer_params,
+from qwen15_exp.estimate.memory import (DTYPE_BYTES, longest_prompt_tokens, embedding_params, head_dim, kv_heads, layer_params,
                                        params_per_device,
                                        recompute_kind, stage_layers, total_params, trainable_params)
 from qwen15_exp.layout import layout_of, micro_batch_samples
@@ -357,11 +357,22 @@ def estimate_predict(exp, layout=None, adapted=None, prompt_tokens: int = PREDIC
                     f"memory {hw.hbm_bandwidth_gbs:.0f} GB/s x memory_efficiency {c['memory_efficiency']}")
 
 
+def predict_lengths(exp) -> tuple[int, int]:
+    """(prompt, new tokens) the estimate assumes: a published row's are not stated (256 + 256 assumed); a run
+    with its prompts on the command line is sized by them (their byte length bounds their tokens) and by
+    max_new_tokens (else max_decode_length less the prompt, as MindFormers reads them)."""
+    ph = exp.phase
+    if exp.reference or not ph.predict_data or ph.chat:
+        return PREDICT_PROMPT_TOKENS, PREDICT_NEW_TOKENS
+    prompt = longest_prompt_tokens(exp)
+    return prompt, ph.generation.max_new_tokens or max(1, ph.generation.max_decode_length - prompt)
+
+
 def estimate_throughput(exp, layout=None, adapted=None) -> ThroughputEstimate | None:
     if not exp.hardware.estimate or not exp.hardware.peak_tflops:
         return None
     if exp.phase.run_mode == "predict":
-        return estimate_predict(exp, layout, adapted)
+        return estimate_predict(exp, layout, adapted, *predict_lengths(exp))
     if not exp.phase.trains:                  # eval: no throughput model for a forward-only pass yet
         return None
     return estimate_train(exp, layout, adapted)
