@@ -42,3 +42,22 @@ def only_run_dir(tmp_path: Path) -> Path:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def random_hf_qwen2(folder: Path, overrides: list[str], seed: int = 0):
+    """A transformers Qwen2ForCausalLM of the composed model's shape, every weight random (biases and norms
+    included), saved as a Hugging Face folder: the reference for parity tests."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    m = make_experiment(overrides).model
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+                      num_attention_heads=m.num_heads, num_key_value_heads=m.n_kv_heads or m.num_heads,
+                      vocab_size=m.vocab_size, rope_theta=m.theta, rms_norm_eps=m.rms_norm_eps,
+                      tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=m.max_position_embedding)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model

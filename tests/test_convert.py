@@ -11,7 +11,7 @@ import pytest
 
 from qwen15_exp.weights.names import HF_TO_MF, MF_TO_HF, rename
 from qwen15_exp.weights.tensors import bf16_to_f32, f32_to_bf16, read_header
-from helpers import make_experiment, run_cli
+from helpers import make_experiment, random_hf_qwen2, run_cli
 
 torch = pytest.importorskip("torch")
 VARIANTS = {"untied": ["model.tie_word_embeddings=false"], "tied": ["model.tie_word_embeddings=true"],
@@ -35,18 +35,8 @@ def test_bf16_casts_match_torch():
 
 
 def make_hf_model(folder: Path, overrides: list[str]):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     m = make_experiment(["model=tiny", *overrides]).model
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
-                      num_attention_heads=m.num_heads, num_key_value_heads=m.n_kv_heads or m.num_heads,
-                      vocab_size=m.vocab_size, rope_theta=m.theta, rms_norm_eps=m.rms_norm_eps,
-                      tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=m.max_position_embedding)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():                # random everything, biases and norms included
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
-    model.save_pretrained(folder, safe_serialization=True)
+    model = random_hf_qwen2(folder, ["model=tiny", *overrides])
     ids = np.random.default_rng(1).integers(0, m.vocab_size, (2, 16))
     with torch.no_grad():
         logits = model(torch.tensor(ids)).logits.numpy()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_experiment, read_json, run_cli
+from helpers import make_experiment, random_hf_qwen2, read_json, run_cli
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -26,19 +26,7 @@ PROMPTS = [[9707, 11, 847, 829, 374, 1207, 16948, 13], [104043, 3837, 108386], [
 
 
 def hf_model(folder: Path, overrides: list[str], seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    m = make_experiment(overrides).model
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
-                      num_attention_heads=m.num_heads, num_key_value_heads=m.n_kv_heads or m.num_heads,
-                      vocab_size=m.vocab_size, rope_theta=m.theta, rms_norm_eps=m.rms_norm_eps,
-                      tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=m.max_position_embedding)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():                # random everything, biases and norms included
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
+    return random_hf_qwen2(folder, overrides, seed)
 
 
 def hf_greedy(model, prompt: list[int], new: int):
