@@ -122,7 +122,7 @@ def ask_batch(session: ChatSession, queries: list[str]) -> list[str]:
 
 def interactive(session: ChatSession, stdin=sys.stdin) -> None:
     out = session.out
-    out.write("chat: /clear empties the history, /exit leaves\n")
+    out.write(f"chat: /clear empties the history, /exit leaves; the turns are kept in {session.transcript}\n")
     while True:
         out.write("user> ")
         out.flush()
@@ -206,6 +206,7 @@ def run_chat(exp, run_dir: str) -> None:
             else:
                 for start in range(0, len(questions), exp.phase.batch_size):
                     ask_batch(session, questions[start:start + exp.phase.batch_size])
+        print(f"transcript: {session.transcript}")
 
 
 if __name__ == "__main__":

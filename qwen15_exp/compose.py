@@ -134,14 +134,21 @@ def _typed(cfg: DictConfig, base_dir: str | None) -> Experiment:
     return absolutize_paths(exp, base_dir)
 
 
-def changed_keys(profile: HardwareConfig) -> list[str]:
-    """The keys in which a composed hardware profile differs from its preset file (after overrides)."""
+def hardware_changes(profile: HardwareConfig) -> dict:
+    """{key: (preset value, value)} where a composed hardware profile differs from its preset file (after
+    overrides); the summary shows them, the profile's name lists the keys."""
+    base = profile.name.split(" (modified")[0]
     try:
-        preset = load_group_option("hardware", profile.name, HardwareConfig)
+        preset = load_group_option("hardware", base, HardwareConfig)
     except (OSError, ValueError):
-        return []                            # not a preset file (e.g. a profile given whole on the command line)
+        return {}                            # not a preset file (e.g. a profile given whole on the command line)
     ignore = ("name", "description", "sources")
-    return [k for k in vars(profile) if k not in ignore and getattr(profile, k) != getattr(preset, k)]
+    return {k: (getattr(preset, k), getattr(profile, k)) for k in vars(profile)
+            if k not in ignore and getattr(profile, k) != getattr(preset, k)}
+
+
+def changed_keys(profile: HardwareConfig) -> list[str]:
+    return list(hardware_changes(profile))
 
 
 def true_names(exp: Experiment) -> Experiment:

@@ -78,16 +78,19 @@ PROGRESS = {"label": "train", "leave": True}
 class Progress:
     """One live line per run: step / total, loss, tokens/s and ETA (tqdm on stderr)."""
 
-    def __init__(self, total_steps: int | None, tokens_per_step: int):
+    def __init__(self, total_steps: int | None, tokens_per_step: int, done: int = 0, loss_label: str = "loss"):
+        """`done`: steps an earlier segment of a resumed run made (the bar counts as one uninterrupted run);
+        `loss_label` says whose loss it is (one rank's under msrun; the summary gives the mean of ranks)."""
+        self.loss_label = loss_label
         from tqdm import tqdm
-        self.bar = tqdm(total=total_steps, desc=PROGRESS["label"], unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=done, desc=PROGRESS["label"], unit="step", dynamic_ncols=True,
                         file=sys.stderr, leave=PROGRESS["leave"],
                         bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
         self.tokens_per_step = tokens_per_step
 
     def step(self, loss: float, step_s: float) -> None:
         rate = self.tokens_per_step / step_s if step_s > 0 else 0.0
-        self.bar.set_postfix_str(f"loss {loss:.4f}  {rate:,.0f} tokens/s", refresh=False)
+        self.bar.set_postfix_str(f"{self.loss_label} {loss:.4f}  {rate:,.0f} tokens/s", refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -99,7 +102,9 @@ class StepsFollower:
     where the launcher polls its workers: no log tailing, nothing of MindFormers' output on the terminal."""
 
     def __init__(self, steps_log: Path, progress: Progress):
-        self.steps_log, self.progress, self.offset = Path(steps_log), progress, 0
+        # a resumed run's log already holds the earlier segments' steps: follow from its end
+        self.steps_log, self.progress = Path(steps_log), progress
+        self.offset = self.steps_log.stat().st_size if self.steps_log.is_file() else 0
 
     def poll(self) -> None:
         import json

@@ -199,7 +199,10 @@ def build(exp, run_dir: Path, dataset_dir: str = "", epochs: int | None = None, 
         "seed": ph.seed,
         "output_dir": f"{run_dir}/output",
         "load_checkpoint": ph.load_checkpoint,
-        "auto_trans_ckpt": ph.auto_trans_ckpt,
+        # a complete checkpoint on a layout that splits the weights: MindFormers cuts it to each rank's slice
+        # (auto_trans_ckpt, no src_strategy: the source is not sharded)
+        "auto_trans_ckpt": ph.auto_trans_ckpt or bool(ph.load_checkpoint and (L.model_parallel > 1
+                                                                              or L.pipeline_stage > 1)),
         "only_save_strategy": False,
         "resume_training": False,
         "run_mode": str(ph.run_mode),

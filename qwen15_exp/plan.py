@@ -45,6 +45,12 @@ class Plan:
         return self.choice.launcher
 
     @property
+    def steps_done(self) -> int:
+        """Steps made before this segment of a resumed run (0 for a fresh run)."""
+        from qwen15_exp.lifecycle import INITIAL_STEP_ENV
+        return int(self.env.get(INITIAL_STEP_ENV, 0))
+
+    @property
     def executes(self) -> bool:
         return self.choice.executes
 
@@ -97,6 +103,13 @@ def run_env(exp, resume=None) -> dict:
         env[INITIAL_STEP_ENV] = str(resume.step)
     if exp.phase.run_mode == "finetune" and exp.hardware.device_target == "Ascend":
         env.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")   # the seed README asks for it
+    if exp.hardware.device_target == "Ascend":
+        L = exp.launch
+        env.setdefault("HCCL_CONNECT_TIMEOUT", str(L.hccl_connect_timeout))
+        env.setdefault("HCCL_EXEC_TIMEOUT", str(L.hccl_exec_timeout))
+        if L.socket_ifname:
+            env.setdefault("HCCL_SOCKET_IFNAME", L.socket_ifname)
+            env.setdefault("GLOO_SOCKET_IFNAME", L.socket_ifname)
     return env
 
 

@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from qwen15_exp.atomic import atomic_path, write_text
 from qwen15_exp.lifecycle import first_line, run_status
 from qwen15_exp.ranks import spearman, tied_ranks
+from qwen15_exp.result import fit_verdict
 from qwen15_exp import run_files
 
 COLUMNS = ["job", "experiment", "model", "phase", "parallel", "hardware", "status", "unit", "published",
@@ -54,7 +55,7 @@ def row_of(job: str, result: dict) -> dict:
         "est/pub": _ratio(estimated, ref.get("figure")), "meas/pub": _ratio(got, ref.get("figure")),
         "est/meas": _ratio(estimated, got),
         "memory_gb": round(mem["total_gb"], 2) if mem else None,
-        "budget_gb": mem.get("budget_gb"), "fits": mem.get("fits"),
+        "budget_gb": mem.get("budget_gb"), "fits": fit_verdict(mem) if mem else None,
         "loss": round(measured["last_loss"], 4) if measured.get("last_loss") is not None else None,
         "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
         "perplexity": round(perplexity, 3) if perplexity is not None else None,

@@ -78,6 +78,11 @@ def eval_log(run_dir, rank: int = 0) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
+def fit_verdict(mem: dict) -> str:
+    """One word for tables and job lines: fits, tight (over the budget, within the estimate's uncertainty) or OVER."""
+    return "OVER" if not mem["fits"] else "tight" if mem.get("tight") else "fits"
+
+
 def fit_word(mem: dict) -> str:
     if not mem["fits"]:
         return "OVER"
@@ -100,6 +105,9 @@ def summary_text(result: dict) -> str:
         f"{mem['total_gb']:.2f} GB of {mem['budget_gb']:.0f} GB budget ({fit_word(mem)})",
         f"  launcher {p['launcher']}: {p['why']}",
     ]
+    for key, (old, new) in (result.get("hardware_changes") or {}).items():
+        lines.append(f"  hardware.{key}: {old} -> {new} (overridden)")
+    lines += training_lines(result)
     est = p.get("throughput")
     if est:
         unit = "tokens/s/p" if est["kind"] == "train" else "tokens/s"
@@ -113,11 +121,18 @@ def summary_text(result: dict) -> str:
     for a in p.get("adaptations", []):
         lines.append(f"  adapted: {a}")
     if m and "steps" in m:
-        lines.append(f"  steps {m['steps']}   loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}"
+        which = f"mean loss of {len(m['ranks'])} ranks" if m.get("ranks") else "loss"
+        lines.append(f"  steps {m['steps']}   {which} {m['first_loss']:.4f} -> {m['last_loss']:.4f}"
                      f" ({'down' if m['loss_decreased'] else 'NOT down'})")
         if m.get("tokens_per_s"):
-            lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s   "
-                         f"first step at {m['time_to_first_step_s']:.1f} s   wall {result['wall_time_s']:.1f} s")
+            first = m.get("time_to_first_step_s")
+            wall = result.get("wall_time_s")
+            per_device = (f" ({m['tokens_per_s_per_device']:,.0f} tokens/s/p)"
+                          if m.get("ranks") and m.get("tokens_per_s_per_device") else "")
+            lines.append(f"  steady {m['steady_step_s'] * 1000:.0f} ms/step   {m['tokens_per_s']:,.0f} tokens/s"
+                         f"{per_device}   "
+                         + (f"first step at {first:.1f} s   " if first is not None else "")
+                         + (f"wall {wall:.1f} s" if wall is not None else ""))
     if result.get("calibration"):
         from qwen15_exp.estimate.cpu_calibration import note_of
         lines.append(f"  calibration: {note_of(result['calibration'])}")
@@ -139,7 +154,13 @@ def summary_text(result: dict) -> str:
         for g in result["generated"]:
             lines.append(f"  > {g['prompt']!r} -> {g['text'][:120]!r}")
     if result["status"] == "planned":
-        lines.append("  NOTHING WAS EXECUTED. On the cluster, from a copy of the run dir on every node:")
+        version = (result.get("versions") or {}).get("qwen15_exp") or "this version"
+        lines.append(f"  NOTHING WAS EXECUTED. Every node needs qwen15_exp {version} installed (`pip install -e .` "
+                     "of this checkout) with MindSpore and MindFormers for Ascend.")
+        if result.get("data") is None and result.get("phase") not in ("predict", "chat", "export", "eval"):
+            lines.append("  the dataset, once, on shared storage: python -m qwen15_exp.prepare data=<alpaca|wiki|chatml> "
+                         "data.input=<raw file> data.seq_length=<seq_length> output=<dataset dir>")
+        lines.append("  On the cluster, from a copy of the run dir on every node:")
         master = "" if result.get("launch_by") == "rank_table" else "MASTER_ADDR=<node 0 address> "
         for i, script in enumerate(result.get("launch_scripts", [])):
             lines.append(f"    node {i}: {master}TRAIN_DATA=<dataset dir> bash {shlex.quote(script)}")
@@ -150,8 +171,31 @@ def summary_text(result: dict) -> str:
         if result.get("phase") != "predict" and result.get("launch_scripts"):
             lines.append("  to continue after a stop, add RESUME=<run dir>/output/checkpoint (and SRC_STRATEGY=<its "
                          "output/strategy> if the layout changed)")
+    point = result.get("checkpoint")
+    if point and result["status"] != "planned":
+        lines.append(f"  checkpoint kept: {point['file']} (step {point['step']}); train on from it with "
+                     f"phase.load_checkpoint={shlex.quote(result['run_dir'])}")
     lines.append(f"  files: {result['run_dir']}")
     return "\n".join(lines)
+
+
+def training_lines(result: dict) -> list[str]:
+    """The learning rate and steps people set first, and the base weights, said loudly when there are none."""
+    t = result.get("training")
+    if not t:
+        return []
+    steps = f"max_steps {t['max_steps']}" if t.get("max_steps") else f"epochs {t['epochs']}"
+    lora = f"   LoRA rank {t['lora_rank']}" if t.get("lora_rank") else ""
+    lines = [f"  learning rate {t['learning_rate']:g} ({t['lr_schedule']})   {steps}{lora}"]
+    ck = t.get("load_checkpoint")
+    if ck:
+        here = Path(ck).exists()
+        lines.append(f"  base weights: {ck}" + ("" if here else "  (not on this machine: taken as a path on the "
+                                                           "cluster; the node scripts check it before starting)"))
+    elif result.get("phase") != "pretrain":
+        lines.append(f"  base weights: NONE - phase {result.get('phase')} starts from random weights; set "
+                     "phase.load_checkpoint=<checkpoint, Hugging Face folder or run dir>")
+    return lines
 
 
 def generation_line(m: dict) -> str:
@@ -176,17 +220,19 @@ def job_line(result: dict) -> str:
     est = (p.get("throughput") or {})
     if m.get("last_loss") is not None:
         parts.append(f"loss {m['first_loss']:.3f} -> {m['last_loss']:.3f}")
-    if m.get("tokens_per_s"):
-        parts.append(f"{m['tokens_per_s']:,.0f} tokens/s" + (f" (est {est['tokens_per_s']:,.0f})"
-                                                             if est.get("tokens_per_s") else ""))
-    elif est.get("tokens_per_s"):
-        parts.append(f"est {est['tokens_per_s_per_device']:,.0f} tokens/s/p")
+    # one convention with the sweep report: training per device (tokens/s/p), generation for the job (tokens/s)
+    key, unit = (("tokens_per_s_per_device", "tokens/s/p") if est.get("kind", "train") == "train"
+                 and p.get("tokens_per_step") else ("tokens_per_s", "tokens/s"))
+    if m.get(key):
+        parts.append(f"{m[key]:,.0f} {unit}" + (f" (est {est[key]:,.0f})" if est.get(key) else ""))
+    elif est.get(key):
+        parts.append(f"est {est[key]:,.0f} {unit}")
     if m.get("eval"):
         parts.append(f"eval loss {m['eval'][-1]['loss']:.3f} (step {m['eval'][-1]['step']})")
     if m.get("perplexity") is not None:
         parts.append(f"perplexity {m['perplexity']:,.3f}")
     if p.get("memory"):
-        parts.append(f"{p['memory']['total_gb']:.2f}/{p['memory']['budget_gb']:.0f} GB")
+        parts.append(f"{p['memory']['total_gb']:.2f}/{p['memory']['budget_gb']:.0f} GB {fit_verdict(p['memory'])}")
     if m.get("time_to_first_step_s") is not None:
         parts.append(f"first step {m['time_to_first_step_s']:.1f} s")
     if result.get("wall_time_s") is not None:

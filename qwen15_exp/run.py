@@ -26,7 +26,7 @@ from qwen15_exp.plan import Dataset, make_plan
 from qwen15_exp.result import job_line, summary_text, versions
 from qwen15_exp.sweep import config_sha
 from qwen15_exp.validate import InvalidExperiment, validate
-from qwen15_exp.weights.checkpoint import resolve_checkpoint
+from qwen15_exp.weights.checkpoint import checkpoint_of_run_dir, is_run_dir, resolve_checkpoint
 
 
 def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
@@ -93,6 +93,16 @@ def training_figures(plan, launched, process_start: float) -> dict:
                               launched.peak_rss_mb if launched else 0.0)
 
 
+def training_settings(exp) -> dict | None:
+    """What people change first and read back: the learning rate, its schedule, the steps, the base weights."""
+    ph = exp.phase
+    if not ph.trains:
+        return None
+    return {"learning_rate": ph.lr_schedule.learning_rate, "lr_schedule": ph.lr_schedule.type,
+            "max_steps": ph.max_steps, "epochs": ph.epochs, "load_checkpoint": ph.load_checkpoint or None,
+            "lora_rank": ph.lora.rank if ph.lora is not None else None}
+
+
 def checkpoint_info(run_dir: Path, ranks: int) -> dict | None:
     from qwen15_exp.weights.run_checkpoints import latest_complete
     point = latest_complete(run_dir, ranks)
@@ -117,8 +127,10 @@ def run(cfg, run_dir: Path, process_start: float | None = None, show_progress: b
         with stop_on_signals(request):        # before training starts, a signal stops the run at once
             plan_and_execute(cfg, run_dir, result, request, process_start, show_progress)
     except RunInterrupted as e:
-        record_unfinished(result, "interrupted",
-                          f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}", t0)
+        trains = bool((result.get("plan") or {}).get("tokens_per_step"))
+        if trains:                        # the terminal says it too, not only result.json
+            e.args = (f"{e}; continue with: python -m qwen15_exp resume={shlex.quote(str(run_dir))}",)
+        record_unfinished(result, "interrupted", str(e), t0)
         raise
     except UserError as e:
         record_unfinished(result, "invalid", str(e), t0)
@@ -141,6 +153,8 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
     exp = compose.to_experiment(cfg)
     result.update(experiment=exp.experiment_name, model=exp.model.name, phase=exp.phase.name,
                   hardware=exp.hardware.name)
+    if is_run_dir(exp.phase.load_checkpoint):     # an earlier run's dir: its newest complete checkpoint
+        exp.phase.load_checkpoint = checkpoint_of_run_dir(exp.phase.load_checkpoint)
     layout = layout_of(exp)
     adapted = adapt(exp)
     choice = choose_launcher(exp, layout)
@@ -166,6 +180,8 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
             write_text(run_dir / "lite.ini", lite_ini(exp.launch.rank_table))
     elif exp.phase.run_mode == "predict":      # the YAML's processor names tokenizer.json, beside it
         write_predict_files(plan, exp)
+    result.update(hardware_changes={k: [str(a), str(b)] for k, (a, b) in compose.hardware_changes(exp.hardware).items()},
+                  training=training_settings(exp))
     result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),
                   versions=versions(), measured=None, resumed_from_step=resume.step if resume else None)
     if not plan.executes:
@@ -212,6 +228,8 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, process_start: fl
     if train:
         from qwen15_exp.weights.run_checkpoints import checkpoint_root, prune
         prune(checkpoint_root(run_dir), exp.phase.checkpoint.keep_after_success)
+        # MindFormers' save_trainable_params folder (LoRA's adapters alone) keeps as many
+        prune(run_files.output_dir(run_dir) / "checkpoint_trainable", exp.phase.checkpoint.keep_after_success)
         if exp.phase.checkpoint.keep_after_success == 0:
             result["checkpoint"] = None
 

@@ -296,6 +296,15 @@ class LaunchConfig:
     join: bool = True                     # node scripts wait for their workers and exit with their status
     node_rank: Optional[int] = None       # set on a cluster node to run that node's share
     rank_table: str = ""                  # an HCCL rank table (hccl.json): per-device processes instead of msrun
+    # what a cluster node needs before msrun (Ascend plans): the CANN environment (sourced where the file exists),
+    # HCCL's timeouts in seconds (its defaults, 120 s to connect, are short for a 72B checkpoint load on 32
+    # nodes; MindFormers' guides use 1800-3600), the network interface HCCL and gloo listen on ("": their own
+    # choice), and msrun's core binding
+    cann_set_env: str = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+    hccl_connect_timeout: int = 1800
+    hccl_exec_timeout: int = 1800
+    socket_ifname: str = ""
+    bind_core: bool = True
     compile_cache: bool = True            # MindSpore's graph compile cache, keyed by the graph (compile_cache.py)
     compile_cache_max_gb: float = 2.0     # this machine's shared cache folders beyond it go, least recently used first
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
@@ -368,6 +377,7 @@ class ConvertJob:
     dtype: ConvertDType = ConvertDType.keep
     shard_gb: float = 5.0
     progress: bool = True
+    base_model: str = ""                  # lora_peft: the Hugging Face folder of the base (else the run's, if HF)
 
 
 def register_configs() -> None:

@@ -265,10 +265,22 @@ def check_memory(exp, L, est) -> list[Problem]:
                + (f" (data.seq_length={fit} fits at batch {exp.phase.batch_size})" if fit else "")
                + ", or plan it for more devices")
         return [Problem("hardware", "hardware.max_device_memory", terms, fix)]
-    return [Problem(
-        "hardware", "hardware.max_device_memory", terms,
-        "spread the model over more devices (a larger model_parallel / pipeline_stage), turn on the parallel "
-        "optimizer or recompute (phase.recompute.recompute=true), or shorten data.seq_length")]
+    return [Problem("hardware", "hardware.max_device_memory", terms, training_memory_fix(exp, L))]
+
+
+def training_memory_fix(exp, L) -> str:
+    """The knobs that lower this job's memory, leaving out those already turned."""
+    p, ph = exp.parallel, exp.phase
+    fixes = ["spread the model over more devices (a larger parallel.model_parallel / parallel.pipeline_stage)"]
+    if ph.lora is not None:
+        fixes[0] += (": LoRA's frozen weights are not sharded by the parallel optimizer, only by model or "
+                     "pipeline parallel")
+    elif L.data_parallel > 1 and not (p.enable_parallel_optimizer or p.optimizer_shard):
+        fixes.append("turn on the parallel optimizer (parallel.enable_parallel_optimizer=true)")
+    if not (ph.recompute.recompute or ph.recompute.select_recompute):
+        fixes.append("recompute (phase.recompute.recompute=true)")
+    fixes.append("or shorten data.seq_length")
+    return ", ".join(fixes)
 
 
 def fitting_seq_length(exp, L) -> int | None:
@@ -297,9 +309,11 @@ def check_files(exp, executes: bool) -> list[Problem]:
         out.append(Problem("data", "data", f"phase={exp.phase.name} trains but data=none",
                            "choose training data, e.g. data=alpaca data.input=alpaca_data.json"))
     ck = exp.phase.load_checkpoint
-    if ck and not Path(ck).exists():
+    # a plan's weights may exist only on the cluster: its node scripts check them before the workers start
+    if ck and executes and not Path(ck).exists():
         out.append(Problem("phase", "phase.load_checkpoint", f"{ck} does not exist",
-                           "point phase.load_checkpoint at a checkpoint file or a folder of rank_* folders"))
+                           "point phase.load_checkpoint at a checkpoint file, a Hugging Face folder, a folder of "
+                           "rank_* folders or the dir of an earlier run"))
     return out
 
 

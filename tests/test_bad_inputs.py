@@ -139,3 +139,27 @@ def test_bad_numbers_exit_2(tmp_path, override, needle):
     r = run_cli(["hardware=cpu", override], tmp_path)
     assert_clear_error(r, needle)
     invalid_result(tmp_path)
+
+
+def test_a_run_dir_without_a_checkpoint_as_weights_is_explained(tmp_path):
+    """phase.load_checkpoint=<a run dir> takes its newest complete checkpoint, as resume does; a run dir
+    without one is an error naming what to give, before anything runs."""
+    planned = run_cli(["hardware=cpu", "launch.mode=plan"], tmp_path / "a")
+    assert planned.returncode == 0, planned.stderr
+    run_dir = next((tmp_path / "a").rglob("plan.json")).parent
+    r = run_cli(["hardware=cpu", f"phase.load_checkpoint={run_dir}"], tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is a run dir without a complete checkpoint" in r.stderr and f"resume={run_dir}" in r.stderr
+
+
+def test_rank_table_merge_of_a_missing_or_broken_file_is_explained(tmp_path):
+    import subprocess
+    import sys
+    broken = tmp_path / "s1.json"
+    broken.write_text("{not json")
+    for args, needle in (([str(tmp_path / "missing.json")], "no such rank table file"),
+                         ([str(broken)], "is not an HCCL rank table")):
+        r = subprocess.run([sys.executable, "-m", "qwen15_exp.launch.rank_table", "--merge", *args, "--output",
+                            str(tmp_path / "out.json")], capture_output=True, text=True)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "out.json").exists()

@@ -112,6 +112,27 @@ def test_round_trip_is_bit_exact(parity, variant):
     from transformers import Qwen2ForCausalLM
     reloaded = Qwen2ForCausalLM.from_pretrained(back)                     # a loadable Hugging Face folder
     assert reloaded.config.num_key_value_heads == (2 if variant == "gqa" else 4)
+    if variant == "untied":
+        hf_folder_loads_as_people_load_it(back)
+
+
+def hf_folder_loads_as_people_load_it(folder):
+    """transformers' AutoTokenizer (Qwen1.5's chat template, our token ids), generation config and pipeline."""
+    from transformers import AutoTokenizer, GenerationConfig, pipeline
+
+    from qwen15_exp.data.chatml import chat_prompt
+    from qwen15_exp.data.tokenizer import load_tokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "Hello, 北京! <|im_end|> tabs\tand spaces"
+    assert tok(text)["input_ids"] == load_tokenizer().encode(text).ids
+    messages = [{"role": "user", "content": "What is 1+1?"}]
+    assert (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == chat_prompt("You are a helpful assistant.", "What is 1+1?"))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 151643
+    generation = GenerationConfig.from_pretrained(folder)
+    assert generation.eos_token_id == [151645, 151643] and generation.top_k == 20
+    out = pipeline("text-generation", model=str(folder))("Hello", max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_text"].startswith("Hello") and len(out[0]["generated_text"]) > len("Hello")
 
 
 def test_dtype_choice_and_bad_input(tmp_path):

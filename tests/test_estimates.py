@@ -180,3 +180,23 @@ def test_a_stale_cpu_calibration_is_measured_again_and_said(tmp_path, monkeypatc
                        "params_total": 1, "launcher": "local", "why": "here", "throughput": None,
                        "memory": {"params_per_device": 1, "total_gb": 0.2, "budget_gb": 24, "fits": True}}}
     assert "calibration: the CPU estimate's calibration was stale" in summary_text(result)
+
+
+def test_the_parallel_optimizer_does_not_shard_lora_frozen_weights():
+    """MindSpore's parallel pass gives an optimizer shard only to parameters with requires_grad: a 14B LoRA on
+    dp16 keeps the whole frozen model (fp32, as the recipes initialise it) on every device; a full finetune
+    on the same layout keeps 1/16 of it."""
+    common = ["model=14b", "hardware=atlas_800t_a2", "data.seq_length=4096", "parallel=single",
+              "parallel.data_parallel=16", "phase.batch_size=1", "parallel.enable_parallel_optimizer=true"]
+    lora = estimate_memory(make_experiment([*common, "phase=lora"]))
+    full = estimate_memory(make_experiment([*common, "phase=finetune"]))
+    total = 14_167_290_880
+    assert lora.weights_gb * GB >= total * 4
+    assert lora.weights_gb * GB < total * 4 * 1.01                 # plus the adapters, sharded
+    assert abs(full.weights_gb * GB - total * 4 / 16) < 1e3
+
+
+def test_lora_has_its_own_learning_rate():
+    assert make_experiment(["phase=lora"]).phase.lr_schedule.learning_rate == 1.0e-4
+    assert make_experiment(["phase=finetune", "model=7b"]).phase.lr_schedule.learning_rate == 1.0e-6
+    assert make_experiment(["phase=lora", "phase.lr_schedule.learning_rate=3e-4"]).phase.lr_schedule.learning_rate == 3e-4

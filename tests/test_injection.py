@@ -84,6 +84,11 @@ def test_hostile_strings_never_execute_and_arrive_byte_exact(tmp_path_factory, f
               "phase": exp.phase.name, "parallel": plan.layout.name, "hardware": exp.hardware.name,
               "run_dir": str(plan.run_dir), "plan": plan.summary(), "reference": {},
               "launch_scripts": [str(s) for s in scripts]}
+    # the node script checks that the planned weights are on the node: put a file there (relative paths from the
+    # run dir, where the script works)
+    weights = Path(plan.run_dir) / values["phase.load_checkpoint"]
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.touch()
     hints = [line.split("bash ", 1)[1] for line in summary_text(result).splitlines() if "bash " in line]
     assert [shlex.split(h) for h in hints] == [[str(s)] for s in scripts]     # a printed hint is one word
     for rank, script in enumerate(scripts):

@@ -13,8 +13,16 @@ from helpers import only_run_dir, read_json, run_cli
 FAKE_MSRUN = """#!/usr/bin/env python3
 import json, os, sys
 print(json.dumps({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in
-      ("MS_ASCEND_CHECK_OVERFLOW_MODE", "HCCL_BUFFSIZE")}, "cwd": os.getcwd()}))
+      ("MS_ASCEND_CHECK_OVERFLOW_MODE", "HCCL_BUFFSIZE", "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT")},
+      "cwd": os.getcwd()}))
+sys.exit(int(os.environ.get("FAKE_MSRUN_EXIT", "0")))
 """
+
+
+def msrun_call(stdout: str) -> dict:
+    """The fake msrun's record among the node script's other lines (its echo, node 0's collected summary)."""
+    (line,) = [x for x in stdout.splitlines() if x.startswith('{"argv"')]
+    return json.loads(line)
 
 
 def fake_msrun(tmp_path):
@@ -41,19 +49,71 @@ def test_plan_writes_one_quoted_msrun_script_per_node(tmp_path):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
         out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        call = json.loads(out.stdout)
+        call = msrun_call(out.stdout)
         assert call["argv"][:9] == ["--worker_num=32", "--local_worker_num=8", f"--master_addr={hostile}",
                                     "--master_port=9123", f"--node_rank={rank}", f"--log_dir=msrun_log/node{rank}",
                                     "--join=True", f"--tail_worker_log={8 * rank}", "--cluster_time_out=7200"]
-        assert call["argv"][9:] == ["worker.py", "--config", "mindformers.yaml"]
-        assert call["env"] == {"MS_ASCEND_CHECK_OVERFLOW_MODE": "INFNAN_MODE", "HCCL_BUFFSIZE": "2 $(touch PWNED2)"}
+        assert call["argv"][9:] == ["--bind_core=True", "worker.py", "--config", "mindformers.yaml"]
+        assert call["env"] == {"MS_ASCEND_CHECK_OVERFLOW_MODE": "INFNAN_MODE", "HCCL_BUFFSIZE": "2 $(touch PWNED2)",
+                               "HCCL_CONNECT_TIMEOUT": "1800", "HCCL_EXEC_TIMEOUT": "1800"}
         assert call["cwd"] == str(run_dir)
+        assert f"node {rank}: msrun, master {hostile}:9123, logs in {run_dir}/msrun_log/node{rank}" in out.stdout
     # overrides at launch time reach msrun and the worker
     out = subprocess.run(["bash", str(scripts[0])], capture_output=True, text=True, cwd=tmp_path,
                          env={**env, "MASTER_ADDR": "node0.cluster", "TRAIN_DATA": "/data/alpaca mr"})
-    argv = json.loads(out.stdout)["argv"]
+    argv = msrun_call(out.stdout)["argv"]
     assert "--master_addr=node0.cluster" in argv and argv[-2:] == ["--train_dataset_dir", "/data/alpaca mr"]
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_a_node_script_without_master_addr_stops_at_once(tmp_path):
+    """A plan of several nodes whose master is the loopback: without MASTER_ADDR every node script says so and
+    exits 2 before msrun (which would wait 2 h for a master); with it, msrun starts."""
+    r = run_cli(["model=72b", "phase=finetune", "parallel=mp8pp4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = only_run_dir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
+    env["PATH"] = f"{fake_msrun(tmp_path)}{os.pathsep}{env['PATH']}"
+    out = subprocess.run(["bash", str(run_dir / "launch_node1.sh")], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2 and "MASTER_ADDR=<node 0 address>" in out.stderr and '{"argv"' not in out.stdout
+    out = subprocess.run(["bash", str(run_dir / "launch_node1.sh")], env={**env, "MASTER_ADDR": "10.1.2.3"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "--master_addr=10.1.2.3" in msrun_call(out.stdout)["argv"]
+
+
+def test_node_scripts_check_the_weights_and_node0_collects_the_ranks(tmp_path):
+    """A plan's weights may exist only on the cluster: planned, then checked by the node script before msrun.
+    After msrun, node 0 turns the plan's result.json into the run's (status from msrun's exit, the ranks' steps)."""
+    r = run_cli(["model=7b", "phase=lora", "parallel=mp8", "phase.max_steps=4",
+                 "phase.load_checkpoint=/cluster/models/Qwen1.5-7B-Chat"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "learning rate 0.0001" in r.stdout and "not on this machine" in r.stdout
+    run_dir = only_run_dir(tmp_path)
+    written = (run_dir / "mindformers.yaml").read_text()
+    assert "auto_trans_ckpt: true" in written and "/cluster/models/Qwen1.5-7B-Chat" in written
+    env = {**os.environ, "PATH": f"{fake_msrun(tmp_path)}{os.pathsep}{os.environ['PATH']}",
+           "MASTER_ADDR": "127.0.0.1", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(run_dir / "launch_node0.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "/cluster/models/Qwen1.5-7B-Chat are not on this node" in out.stderr
+    weights = tmp_path / "weights.ckpt"
+    weights.write_text("stands in")
+    for rank in range(8):                      # what the workers would have logged: 4 steps each
+        (run_dir / f"steps_rank{rank}.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 10.0 - s - rank / 10, "step_s": 0.5}) + "\n" for s in range(1, 5)))
+    out = subprocess.run(["bash", str(run_dir / "launch_node0.sh")], capture_output=True, text=True, timeout=120,
+                         env={**env, "LOAD_CHECKPOINT": str(weights)})
+    assert out.returncode == 0, out.stderr
+    result = read_json(run_dir / "result.json")
+    assert result["status"] == "ok" and result["measured"]["steps"] == 4
+    assert result["measured"]["ranks_collected"] == "8 of 8"
+    assert abs(result["measured"]["first_loss"] - (9.0 - 0.35)) < 1e-9     # the mean over the 8 ranks
+    assert "[ok]" in out.stdout
+    out = subprocess.run(["bash", str(run_dir / "launch_node0.sh")], capture_output=True, text=True, timeout=120,
+                         env={**env, "LOAD_CHECKPOINT": str(weights), "FAKE_MSRUN_EXIT": "3"})
+    assert out.returncode == 3
+    assert read_json(run_dir / "result.json")["status"] == "failed"
 
 
 def test_plan_prints_what_an_operator_needs(tmp_path):

@@ -93,7 +93,9 @@ def test_lora_on_cpu_trains_only_the_adapters(tmp_path, monkeypatch):
     adapters = sorted(n for n in after if "lora" in n and not n.startswith(("adam", "accu")))
     assert len(adapters) == 16 and all(".attention.w" in n for n in adapters)
     assert all(np.abs(after[n]).max() > 0 for n in adapters if n.endswith("lora_b"))   # B starts at zero
-    newest = max(run_dir.rglob("checkpoint_trainable/rank_0/*.safetensors"), key=lambda p: p.stat().st_mtime)
+    kept = list(run_dir.rglob("checkpoint_trainable/rank_0/*.safetensors"))
+    assert len(kept) == 1                                # keep_after_success=1, as for the full checkpoint
+    newest = kept[0]
     trainable = load_file(str(newest))
     assert sorted(trainable) == adapters
     assert {trainable[n].shape for n in adapters} == {(8, 64), (64, 8)}
@@ -129,12 +131,20 @@ def check_peft_round_trip(tmp_path, run_dir, base_file, merged):
                 module="qwen15_exp.convert")
     assert r.returncode == 0, r.stderr
     assert "exported 8 LoRA adapter pairs (alpha 16, rank 8) and 0 trained tensors" in r.stdout
+    assert "converted 16 tensors" in r.stdout
     config = json.loads((peft_dir / "adapter_config.json").read_text())
+    # the run's base is a MindFormers file, no PEFT base: left empty, and said how to name one
+    assert config["base_model_name_or_path"] is None and "base_model=<that folder>" in r.stdout
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (8, 16, ["k_proj", "o_proj", "q_proj",
                                                                                     "v_proj"])
     r = run_cli(["direction=mf2hf", f"input={base_file}", f"output={hf_base}", "progress=false", "dtype=fp32"],
                 tmp_path, module="qwen15_exp.convert")
     assert r.returncode == 0, r.stderr
+    named = tmp_path / "peft_named"
+    r = run_cli(["direction=lora_peft", f"input={run_dir}", f"output={named}", f"base_model={hf_base}",
+                 "progress=false"], tmp_path, module="qwen15_exp.convert")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == str(hf_base)
     model = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(hf_base, torch_dtype=torch.float32), peft_dir)
     model.eval()
     ids = np.load(run_dir / "ids.npy")

@@ -66,3 +66,6 @@ def test_a_plan_is_one_sbatch_away(slurm, tmp_path):
     assert sub.returncode == 0, sub.stderr + (run_dir / f"slurm-{job}.out").read_text()[-3000:]
     assert slurm.job_states()[job] == "COMPLETED"
     assert [len(read_json(run_dir / f"rank_{r}.json")["losses"]) for r in (0, 1)] == [3, 3]
+    result = read_json(run_dir / "result.json")          # node 0 collected the ranks after msrun
+    assert result["status"] == "ok" and result["measured"]["steps"] == 3
+    assert result["measured"]["ranks_collected"] == "2 of 2" and result["checkpoint"]["step"] == 3

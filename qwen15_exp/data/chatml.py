@@ -25,6 +25,16 @@ ASSISTANT_OPENER = f"{IM_START}assistant\n"
 STOP_IDS = {IM_END_ID: IM_END, IM_START_ID: IM_START}     # a reply ends at either
 
 
+# Qwen1.5-*-Chat's tokenizer_config.json template (Jinja, as transformers' apply_chat_template reads it): a
+# default system turn when the conversation has none, each turn as `turn` renders it, then the opener
+DEFAULT_SYSTEM = "You are a helpful assistant."
+HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def turn(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}"
 

@@ -254,7 +254,11 @@ def _stage_estimate(exp, layout, adapted, stage: int) -> MemoryEstimate:
     # MindSpore's parallel optimizer keeps only a 1/dp slice of every weight, its gradient and its
     # optimizer state on each device (weights are all-gathered for compute, gradients reduce-scattered)
     shard = layout.data_parallel if (training and (p.enable_parallel_optimizer or p.optimizer_shard)) else 1
-    weights = (n + adapters) * w_bytes / shard
+    # ... but only the weights the optimizer updates: MindSpore's parallel pass gives no optimizer shard to a
+    # parameter without requires_grad ("only trainable parameters need parallel optimizer", step_parallel.cc),
+    # so LoRA's frozen base model stays whole on every device
+    frozen = n + adapters - n_train
+    weights = frozen * w_bytes + n_train * w_bytes / shard
     # accumulating over micro-batches (pipeline or gradient accumulation) keeps whole gradients: qwen15_exp
     # writes the recipes' gradient_accumulation_shard: false, so the parallel optimizer does not shard them
     accumulates = layout.pipeline_stage > 1 or ph.gradient_accumulation_steps > 1

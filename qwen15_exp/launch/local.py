@@ -20,7 +20,7 @@ def run_train(plan, exp, yaml_path: Path, request) -> Launched:
     with in_run_dir(plan.run_dir, {**run_files.mindformers_env(plan.run_dir), **plan.env}):
         from qwen15_exp.launch.start import start_mindformers, train
         from qwen15_exp.mindformers_ext import StepRecorder, StopControl
-        progress = Progress(plan.steps, plan.layout.tokens_per_step)
+        progress = Progress(plan.steps, plan.layout.tokens_per_step, plan.steps_done)
         recorder = StepRecorder(run_files.steps_log(plan.run_dir), progress)
         t_call = time.perf_counter()
         try:

@@ -22,7 +22,7 @@ from qwen15_exp import run_files
 from qwen15_exp.atomic import write_text
 from qwen15_exp.launch.worker import WORKER_STUB
 from qwen15_exp.lifecycle import set_parent_death_signal
-from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines
+from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines, master_check_lines, node_setup_lines
 
 
 def node_log_dir(node_rank: int) -> str:
@@ -39,6 +39,7 @@ def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) ->
             f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
             f"--log_dir={node_log_dir(node_rank)}", f"--join={join}",
             f"--tail_worker_log={node_rank * per_node}", f"--cluster_time_out={exp.launch.cluster_time_out}",
+            *(["--bind_core=True"] if exp.launch.bind_core and exp.hardware.device_target == "Ascend" else []),
             "worker.py", "--config", "mindformers.yaml"]
 
 
@@ -59,6 +60,7 @@ def node_script(plan, exp, node_rank: int) -> str:
         'cd "$(dirname "$0")"',
     ]
     lines += export_lines(plan, exp, QWEN15_EXP_NODE_RANK=str(int(node_rank)))
+    lines += master_check_lines(plan, exp) + node_setup_lines(plan, exp)
     lines += [f"PLANNED_MASTER_ADDR={q(L.master_addr)}", f"PLANNED_MASTER_PORT={q(str(L.master_port))}",
               'MASTER_ADDR="${MASTER_ADDR:-$PLANNED_MASTER_ADDR}"',
               'MASTER_PORT="${MASTER_PORT:-$PLANNED_MASTER_PORT}"']
@@ -66,7 +68,23 @@ def node_script(plan, exp, node_rank: int) -> str:
     quoted = " ".join(q(a) for a in args)
     quoted = quoted.replace(q("--master_addr=MASTER_ADDR_PLACEHOLDER"), '--master_addr="$MASTER_ADDR"')
     quoted = quoted.replace(q("--master_port=0"), '--master_port="$MASTER_PORT"')
-    lines.append(f"exec {quoted} {WORKER_OPTIONS}")
+    command = f"{quoted} {WORKER_OPTIONS}"
+    lines += [f'echo "node {int(node_rank)}: msrun, master $MASTER_ADDR:$MASTER_PORT, logs in '
+              f'$PWD/{node_log_dir(node_rank)}"',
+              # qwen15_exp supervises what it runs here itself (it stops the tree and writes result.json)
+              f'if [ -n "${{QWEN15_EXP_SUPERVISED:-}}" ]; then exec {command}; fi',
+              'START_UNIX="$(date +%s.%N)"',
+              'set -x', f"{command} &", "{ set +x; } 2>/dev/null", "pid=$!",
+              # Slurm and a terminal signal this shell: msrun's own SIGINT handler stops its workers
+              "trap 'kill -INT \"$pid\" 2>/dev/null' INT TERM",
+              'status=0; wait "$pid" || status=$?',
+              'while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done']
+    if node_rank == 0:
+        # node 0 turns the plan's result.json into the run's: every rank whose logs it sees (all of them on shared
+        # storage), the status from msrun's exit
+        lines.append('"${PYTHON:-python}" -m qwen15_exp.collect . --exit-code "$status" --started "$START_UNIX" '
+                     '|| echo "warning: the ranks were not collected into result.json (see above)" >&2')
+    lines.append('exit "$status"')
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +203,8 @@ def run_msrun(plan, exp, kind: str, request):
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),   # msrun starts workers as plain `python`
            "MASTER_PORT": str(free_port() if plan.layout.nodes == 1 else exp.launch.master_port),
            "MASTER_ADDR": "127.0.0.1" if plan.layout.nodes == 1 else exp.launch.master_addr,
-           "QWEN15_EXP_PARENT_DEATH": "1"}       # workers die with msrun (worker.py)
+           "QWEN15_EXP_PARENT_DEATH": "1",       # workers die with msrun (worker.py)
+           "QWEN15_EXP_SUPERVISED": "1"}         # the node script execs msrun; this process writes result.json
     t_call = time.perf_counter()
     # msrun's own output (and the worker log it tails) goes to the run's console.log; the terminal shows the
     # progress of this node's first rank from its steps log (verbose=true: msrun's output as it is)
@@ -198,7 +217,9 @@ def run_msrun(plan, exp, kind: str, request):
     if kind == "train" and not exp.verbose:
         from qwen15_exp.console import Progress, StepsFollower
         follower = StepsFollower(run_files.steps_log(run_dir, node * plan.layout.devices_here),
-                                 Progress(plan.steps, plan.layout.tokens_per_step))
+                                 Progress(plan.steps, plan.layout.tokens_per_step, plan.steps_done,
+                                          loss_label=f"rank {node * plan.layout.devices_here} loss"
+                                          if plan.layout.devices > 1 else "loss"))
     # msrun in a session of its own (a terminal's Ctrl-C reaches only us; we decide), told to stop (SIGINT,
     # which its handler turns into killing every worker) if this process dies, even by SIGKILL
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen15_exp.errors import UserError
-from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines
+from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines, node_setup_lines
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ def read_rank_table(path: str) -> list[Server]:
     """The servers of a rank table, devices in rank order; a malformed table is a UserError naming the field."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"launch.rank_table={path}: no such file; give the hccl.json of the job")
+        raise UserError(f"{path}: no such rank table file; give the hccl.json of the job (or of each server to "
+                        "--merge)")
     try:
         table = json.loads(p.read_text())
         servers = [Server(str(s["server_id"]), tuple(sorted(
@@ -89,6 +90,7 @@ def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
         'cd "$(dirname "$0")"',
     ]
     lines += export_lines(plan, exp, QWEN15_EXP_SERVER_ID=server.server_id)
+    lines += node_setup_lines(plan, exp)
     # the planned path in a quoted assignment: inside "${VAR:-...}" quotes would not quote and $( ) would run
     lines += [f"PLANNED_RANK_TABLE={q(str(Path(exp.launch.rank_table).resolve()))}",
               'export RANK_TABLE_FILE="${RANK_TABLE_FILE:-$PLANNED_RANK_TABLE}"',
@@ -99,9 +101,21 @@ def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
         lines.append(f'RANK_ID={int(d.rank_id)} DEVICE_ID={int(d.device_id)} "$PYTHON" worker.py --config '
                      f'mindformers.yaml {WORKER_OPTIONS} > rank_log/rank_{int(d.rank_id)}.log 2>&1 &')
         lines.append("pids+=($!)")
-    lines += ["status=0",
-              'for pid in "${pids[@]}"; do wait "$pid"; rc=$?; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then '
-              'status=$rc; fi; done',
+    # the first worker to fail stops the others (they would wait for it in HCCL until its timeout)
+    lines += ['echo "node %s: %s workers started, logs in $PWD/rank_log"' % (int(node_rank), len(server.devices)),
+              "status=0",
+              'while [ "${#pids[@]}" -gt 0 ]; do',
+              '  for i in "${!pids[@]}"; do',
+              '    pid="${pids[$i]}"',
+              '    if kill -0 "$pid" 2>/dev/null; then continue; fi',
+              '    rc=0; wait "$pid" || rc=$?; unset "pids[$i]"',
+              '    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc',
+              '      echo "a worker exited with $rc: stopping the others" >&2',
+              '      [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null',
+              '    fi',
+              '  done',
+              '  [ "${#pids[@]}" -gt 0 ] && sleep 1',
+              'done',
               'exit "$status"']
     return "\n".join(lines) + "\n"
 
@@ -163,6 +177,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.merge:
+            for path in args.merge:              # each must be a table (a UserError naming the file and field)
+                read_rank_table(path)
             table = merge_tables([json.loads(Path(p).read_text()) for p in args.merge])
         else:
             if not args.server_ip:

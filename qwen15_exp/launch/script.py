@@ -27,3 +27,33 @@ def export_lines(plan, exp, **names: str) -> list[str]:
             raise ValueError(f"not an environment variable name: {k!r}")
         lines.append(f"export {k}={shlex.quote(str(v))}")
     return lines
+
+
+def node_setup_lines(plan, exp) -> list[str]:
+    """What an operator's own script does before msrun: the CANN environment (CANN_SET_ENV overrides the planned
+    file; skipped where it is absent, as on a CPU machine), as many processes as the system allows (MindSpore
+    starts many threads per worker), and a stop at once when the weights are not on this node."""
+    q = shlex.quote
+    lines = [f"PLANNED_CANN_SET_ENV={q(exp.launch.cann_set_env)}",
+             'CANN_SET_ENV="${CANN_SET_ENV:-$PLANNED_CANN_SET_ENV}"',
+             'if [ -f "$CANN_SET_ENV" ]; then set +u; source "$CANN_SET_ENV"; set -u; '
+             'echo "sourced $CANN_SET_ENV"; fi',
+             # (a container may cap it: then as far as its hard limit)
+             'ulimit -u unlimited 2>/dev/null || ulimit -u "$(ulimit -Hu)" 2>/dev/null || true']
+    ck = exp.phase.load_checkpoint
+    lines += [f"PLANNED_LOAD_CHECKPOINT={q(ck)}",
+              'CHECKPOINT="${LOAD_CHECKPOINT:-$PLANNED_LOAD_CHECKPOINT}"',
+              'if [ -n "$CHECKPOINT" ] && [ -z "${RESUME:-}" ] && [ ! -e "$CHECKPOINT" ]; then echo "error: the weights '
+              '$CHECKPOINT are not on this node: copy them here, or start with LOAD_CHECKPOINT=<their path on this '
+              'node>" >&2; exit 2; fi']
+    return lines
+
+
+def master_check_lines(plan, exp) -> list[str]:
+    """msrun on a plan of several nodes whose planned master is the loopback: without MASTER_ADDR, stop at once
+    (msrun would wait cluster_time_out, 2 h, for a master at 127.0.0.1)."""
+    if plan.layout.nodes > 1 and exp.launch.master_addr in ("127.0.0.1", "localhost", "::1"):
+        return ['if [ -z "${MASTER_ADDR:-}" ]; then echo "error: this plan spans '
+                f'{int(plan.layout.nodes)} nodes: start every node\'s script with MASTER_ADDR=<node 0 address> '
+                '(or plan with launch.master_addr=<node 0 address>)" >&2; exit 2; fi']
+    return []

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from qwen15_exp import run_files
 from qwen15_exp.paths import weights_cache_dir
 from qwen15_exp.weights.check import check_fits, is_hf_folder
 
@@ -58,6 +59,24 @@ def outside_rank_folder(path: str) -> str:
         link.unlink(missing_ok=True)
         link.symlink_to(p.resolve())
     return str(link)
+
+
+def is_run_dir(path: str) -> bool:
+    return bool(path) and (Path(path) / run_files.PLAN).is_file()
+
+
+def checkpoint_of_run_dir(path: str) -> str:
+    """phase.load_checkpoint=<the dir of an earlier run>: its newest checkpoint that every rank completed, as
+    `resume` finds it (one rank: the file; several: the folder of rank_* folders)."""
+    from qwen15_exp.errors import UserError
+    from qwen15_exp.weights.run_checkpoints import checkpoint_root, latest_complete
+    devices = int(json.loads((Path(path) / run_files.PLAN).read_text()).get("devices") or 1)
+    point = latest_complete(Path(path), devices)
+    if point is None:
+        raise UserError(f"phase.load_checkpoint={path} is a run dir without a complete checkpoint (none under "
+                        f"{checkpoint_root(Path(path))} for all {devices} rank(s)): give a checkpoint file, or "
+                        f"resume={path} to continue that run")
+    return point.files[0] if devices == 1 else str(checkpoint_root(Path(path)))
 
 
 def resolve_checkpoint(exp, devices: int, show_progress: bool = True) -> None:

@@ -118,6 +118,32 @@ def hf_config(model, dtype: str, tied: bool) -> dict:
     }
 
 
+def write_hf_tokenizer(folder: Path, model, tokenizer_dir: str | None = None) -> None:
+    """What transformers, vLLM and lm-eval load beside the weights: the Qwen2 tokenizer (vocab.json, merges.txt,
+    tokenizer.json), its tokenizer_config.json with the three Qwen1.5 special tokens and the chat template, and
+    Qwen1.5-*-Chat's generation_config.json (the sampling of conf/phase/chat.yaml)."""
+    import shutil
+
+    from qwen15_exp.atomic import write_json
+    from qwen15_exp.data.chatml import HF_CHAT_TEMPLATE
+    from qwen15_exp.data.tokenizer import (ENDOFTEXT, IM_END, IM_END_ID, IM_START, PAD_ID, SPECIAL_TOKENS,
+                                           save_tokenizer_json, tokenizer_files)
+    for f in tokenizer_files(tokenizer_dir):
+        shutil.copyfile(f, folder / f.name)
+    save_tokenizer_json(folder / "tokenizer.json", tokenizer_dir)
+    special = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True} for t, i in sorted(SPECIAL_TOKENS.items(), key=lambda kv: kv[1])}
+    write_json(folder / "tokenizer_config.json", {
+        "add_prefix_space": False, "added_tokens_decoder": special, "additional_special_tokens": [IM_START, IM_END],
+        "bos_token": None, "chat_template": HF_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "eos_token": IM_END, "errors": "replace", "model_max_length": model.max_position_embedding,
+        "pad_token": ENDOFTEXT, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None})
+    write_json(folder / "generation_config.json", {
+        "bos_token_id": PAD_ID, "pad_token_id": PAD_ID, "eos_token_id": [IM_END_ID, PAD_ID], "do_sample": True,
+        "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20})
+
+
 def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: float = 5.0,
              show_progress: bool = True) -> ConvertSummary:
     from qwen15_exp.atomic import atomic_dir, write_json
@@ -163,6 +189,7 @@ def mf_to_hf(src: Path, out_dir: Path, model, dtype: str = "keep", shard_gb: flo
                 "metadata": {"total_size": sum((tmp / f).stat().st_size for f in names)},
                 "weight_map": {n: f for f, shard in zip(names, shards) for n, _, _ in shard}})
         write_json(tmp / "config.json", hf_config(model, items[0][1], tied))
+        write_hf_tokenizer(tmp, model)
         written = sum(p.stat().st_size for p in tmp.iterdir())
     bar.close()
     return ConvertSummary(len(items), written, largest, [str(out_dir / n) for n in names])
@@ -183,8 +210,11 @@ def convert(job) -> ConvertSummary:
         return ConvertSummary(written, out.stat().st_size, 0, [str(out)])
     if job.direction == "lora_peft":            # input: a phase=lora run dir; output: a PEFT folder
         from qwen15_exp.weights.peft import export_run
-        files = export_run(src, out)
-        return ConvertSummary(len(files), sum(f.stat().st_size for f in files), 0, [str(f) for f in files])
+        files = export_run(src, out, job.base_model)
+        from safetensors import safe_open
+        with safe_open(str(next(f for f in files if f.suffix == ".safetensors")), "np") as f:
+            tensors = len(list(f.keys()))
+        return ConvertSummary(tensors, sum(f.stat().st_size for f in files), 0, [str(f) for f in files])
     if job.direction == "mf2hf":
         return mf_to_hf(src, out, job.model, job.dtype, job.shard_gb, show_progress=job.progress)
     raise UserError(f"direction={job.direction!r}: use hf2mf, mf2hf, lora_merge or lora_peft")

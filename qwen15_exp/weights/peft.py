@@ -108,17 +108,34 @@ def read_peft(folder: Path) -> Adapters:
                     extras, str(folder))
 
 
-def export_run(run_dir: Path, out_dir: Path) -> list[Path]:
-    """A phase=lora run's newest adapters as a PEFT folder; the base model named is the run's load_checkpoint."""
+def hf_base_of(run_dir: Path, base_model: str = "") -> str:
+    """The Hugging Face folder PEFT should load the adapters onto: `base_model` when given, else the run's
+    phase.load_checkpoint when that is a Hugging Face folder; a MindFormers checkpoint is no PEFT base (""),
+    and the caller says how to make one."""
     import yaml
 
+    from qwen15_exp.weights.check import is_hf_folder
+    if base_model:
+        if not is_hf_folder(Path(base_model)):
+            raise UserError(f"base_model={base_model} is not a Hugging Face folder (config.json and *.safetensors); "
+                            "convert the base with direction=mf2hf and give that folder")
+        return str(Path(base_model).resolve())
+    hydra_config = Path(run_dir) / ".hydra" / "config.yaml"
+    base = yaml.safe_load(hydra_config.read_text())["phase"].get("load_checkpoint", "") if hydra_config.is_file() else ""
+    return str(Path(base).resolve()) if base and is_hf_folder(Path(base)) else ""
+
+
+def export_run(run_dir: Path, out_dir: Path, base_model: str = "") -> list[Path]:
+    """A phase=lora run's newest adapters as a PEFT folder, naming the Hugging Face base they go on."""
     from qwen15_exp.weights.lora import adapters_of_run, run_pet_config
     if out_dir.suffix:
         raise UserError(f"output={out_dir}: a PEFT adapter is a folder; give a folder name without a suffix")
     adapters, _ = adapters_of_run(run_dir)
-    hydra_config = Path(run_dir) / ".hydra" / "config.yaml"
-    base = yaml.safe_load(hydra_config.read_text())["phase"].get("load_checkpoint", "") if hydra_config.is_file() else ""
+    base = hf_base_of(run_dir, base_model)
     files = export_peft(adapters, out_dir, base, run_pet_config(run_dir).get("lora_dropout", 0.0))
     print(f"exported {len(adapters.pairs)} LoRA adapter pairs (alpha {adapters.alpha}, rank {adapters.rank}) and "
           f"{len(adapters.extras)} trained tensors of {adapters.source} in PEFT format")
+    print(f"base_model_name_or_path: {base}" if base else
+          "base_model_name_or_path: empty - the run's base weights are no Hugging Face folder; convert them with "
+          "direction=mf2hf and export again with base_model=<that folder>")
     return files
