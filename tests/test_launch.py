@@ -44,7 +44,7 @@ def test_plan_writes_one_quoted_msrun_script_per_node(tmp_path):
     assert [s.name for s in scripts] == [f"launch_node{i}.sh" for i in range(4)]
     assert (run_dir / "worker.py").is_file()
     bin_dir = fake_msrun(tmp_path)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "QWEN15_EXP_VERBOSE": "1"}
     for rank, script in enumerate(scripts):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
         out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -74,6 +74,7 @@ def test_a_node_script_without_master_addr_stops_at_once(tmp_path):
     run_dir = only_run_dir(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
     env["PATH"] = f"{fake_msrun(tmp_path)}{os.pathsep}{env['PATH']}"
+    env["QWEN15_EXP_VERBOSE"] = "1"                    # msrun's output on stdout, where the fake writes its record
     out = subprocess.run(["bash", str(run_dir / "launch_node1.sh")], env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2 and "MASTER_ADDR=<node 0 address>" in out.stderr and '{"argv"' not in out.stdout
@@ -110,6 +111,9 @@ def test_node_scripts_check_the_weights_and_node0_collects_the_ranks(tmp_path):
     assert result["measured"]["ranks_collected"] == "8 of 8"
     assert abs(result["measured"]["first_loss"] - (9.0 - 0.35)) < 1e-9     # the mean over the 8 ranks
     assert "[ok]" in out.stdout
+    # msrun's own output went to a file, the terminal got the progress line (4 of 4 steps: all were logged)
+    assert '{"argv"' not in out.stdout and "4/4" in out.stderr
+    assert '{"argv"' in (run_dir / "msrun_log" / "node0" / "msrun_console.log").read_text()
     out = subprocess.run(["bash", str(run_dir / "launch_node0.sh")], capture_output=True, text=True, timeout=120,
                          env={**env, "LOAD_CHECKPOINT": str(weights), "FAKE_MSRUN_EXIT": "3"})
     assert out.returncode == 3

@@ -74,11 +74,24 @@ def node_script(plan, exp, node_rank: int) -> str:
               # qwen15_exp supervises what it runs here itself (it stops the tree and writes result.json)
               f'if [ -n "${{QWEN15_EXP_SUPERVISED:-}}" ]; then exec {command}; fi',
               'START_UNIX="$(date +%s.%N)"',
-              'set -x', f"{command} &", "{ set +x; } 2>/dev/null", "pid=$!",
-              # Slurm and a terminal signal this shell: msrun's own SIGINT handler stops its workers
+              f'LOG_DIR={q(node_log_dir(node_rank))}; mkdir -p "$LOG_DIR"',
+              # msrun's own output (every worker's MindFormers INFO) to a file; QWEN15_EXP_VERBOSE=1 shows it
+              'if [ "${QWEN15_EXP_VERBOSE:-0}" = 1 ]; then OUT=/dev/stdout; else OUT="$LOG_DIR/msrun_console.log"; '
+              'echo "msrun output: $PWD/$OUT"; fi',
+              'set -x', f'{command} > "$OUT" 2>&1 &', "{ set +x; } 2>/dev/null", "pid=$!"]
+    if plan.steps and exp.phase.trains:
+        first = node_rank * plan.layout.devices_here
+        label = f"rank {first} loss" if plan.layout.devices > 1 else "loss"
+        lines += ['if [ "$OUT" != /dev/stdout ]; then "${PYTHON:-python}" -m qwen15_exp.follow '
+                  f'{q(run_files.steps_log(".", first).name)} --total {int(plan.steps)} --tokens-per-step '
+                  f'{int(plan.layout.tokens_per_step)} --label {q(label)} --pid "$pid" & fi']
+    lines += [# Slurm and a terminal signal this shell: msrun's own SIGINT handler stops its workers
               "trap 'kill -INT \"$pid\" 2>/dev/null' INT TERM",
               'status=0; wait "$pid" || status=$?',
-              'while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done']
+              'while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done',
+              'wait 2>/dev/null || true',                                 # the progress line's last update
+              'if [ "$status" -ne 0 ] && [ "$OUT" != /dev/stdout ]; then echo "msrun exited with $status; the end '
+              'of its output ($PWD/$OUT):" >&2; tail -n 40 "$OUT" >&2; fi']
     if node_rank == 0:
         # node 0 turns the plan's result.json into the run's: every rank whose logs it sees (all of them on shared
         # storage), the status from msrun's exit
