@@ -45,6 +45,22 @@ def slurm_missing(argv: list[str]) -> str | None:
             "node, or leave out the launcher override to run the sweep on this machine")
 
 
+MAX_CHOICE_CHARS = 200
+
+
+def absurd_choice(argv: list[str]) -> str | None:
+    """A config group choice no file can be named (`model=<5,000 characters>`): Hydra would look the file up
+    and end in "File name too long"."""
+    from qwen15_exp.compose import conf_dir, group_options
+    for arg in argv:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq and "." not in key and (conf_dir() / key).is_dir() and (len(value) > MAX_CHOICE_CHARS
+                                                                       or "\0" in value):
+            return (f"{key}=<{len(value):,} characters>: not an option of {key}; choose one of "
+                    f"{', '.join(group_options(key))}")
+    return None
+
+
 def exit_on_user_error(fn: Callable[[], Any], hint: str = "") -> Any:
     """fn(), with a user's mistake (ours, Hydra's or OmegaConf's) reported in one line and exit code 2."""
     from hydra.errors import HydraException
@@ -70,7 +86,7 @@ def run_app(config_name: str, task: Callable[[Any], Any],
     quiet(sys.argv[1:])                   # every entrypoint (chat, prepare, convert): MindFormers' log to its files
     prepare_process()
 
-    problem = slurm_missing(sys.argv[1:])
+    problem = slurm_missing(sys.argv[1:]) or absurd_choice(sys.argv[1:])
     if problem:
         report_user_error(problem)
         sys.exit(2)

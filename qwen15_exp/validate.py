@@ -4,6 +4,7 @@ Each problem names the group, the key, the values involved and a fix. Pure: impo
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,79 @@ def check_numbers(exp) -> list[Problem]:
         except re.error as e:
             out.append(Problem("phase", "phase.lora.target_modules", f"{lora.target_modules!r} is not a regex: {e}",
                                "use MindFormers' form, e.g. '.*wq|.*wk|.*wv|.*wo'"))
+    out += check_rates(exp)
     off = exp.parallel.offset
     if not (isinstance(off, int) or (isinstance(off, (list, tuple)) and all(isinstance(o, int) for o in off))):
         out.append(Problem("parallel", "parallel.offset", f"{off!r} is neither an integer nor a list of integers",
                            "use parallel.offset=0 or one integer per pipeline stage, e.g. [-1,1,1,-1]"))
+    return out
+
+
+def finite_in(v, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False) -> bool:
+    """v is a finite number in [lo, hi] (open ends where asked)."""
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+
+def check_rates(exp) -> list[Problem]:
+    """Rates and factors that train nonsense rather than fail (a negative or NaN learning rate trains, exit 0)."""
+    ph, g = exp.phase, exp.phase.generation
+    lr, opt, ls = ph.lr_schedule, ph.optimizer, ph.loss_scale
+    rules = [
+        ("phase.lr_schedule.learning_rate", lr.learning_rate, finite_in(lr.learning_rate, 0, lo_open=True),
+         "a positive finite number, e.g. 1e-5"),
+        ("phase.lr_schedule.lr_end", lr.lr_end, lr.lr_end is None or finite_in(lr.lr_end, 0),
+         "a non-negative finite number, or null"),
+        ("phase.lr_schedule.warmup_ratio", lr.warmup_ratio, finite_in(lr.warmup_ratio, 0, 1), "between 0 and 1"),
+        ("phase.optimizer.weight_decay", opt.weight_decay, finite_in(opt.weight_decay, 0), "a non-negative number"),
+        ("phase.optimizer.eps", opt.eps, finite_in(opt.eps, 0, lo_open=True), "a small positive number, e.g. 1e-8"),
+        ("phase.optimizer.betas", opt.betas, len(opt.betas) == 2 and all(finite_in(b, 0, 1, hi_open=True)
+                                                                          for b in opt.betas),
+         "two numbers in [0, 1), e.g. [0.9, 0.95]"),
+        ("phase.loss_scale.value", ls.value, finite_in(ls.value, 0, lo_open=True), "a positive number, e.g. 4096"),
+        ("phase.loss_scale.factor", ls.factor, finite_in(ls.factor, 1, lo_open=True), "a number above 1, e.g. 2"),
+        ("phase.loss_scale.window", ls.window, finite_in(ls.window, 1), "a positive number of steps, e.g. 1000"),
+        ("phase.generation.top_p", g.top_p, finite_in(g.top_p, 0, 1, lo_open=True), "in (0, 1], e.g. 0.8"),
+        ("phase.generation.top_k", g.top_k, finite_in(g.top_k, 0), "0 (off) or a positive number"),
+        ("phase.generation.temperature", g.temperature, g.temperature is None or finite_in(g.temperature, 0,
+                                                                                            lo_open=True),
+         "a positive number, or null"),
+        ("phase.generation.repetition_penalty", g.repetition_penalty,
+         finite_in(g.repetition_penalty, 0, lo_open=True), "a positive number (1.0: off)"),
+    ]
+    return [Problem("phase", key, f"is {value!r}", f"use {what}") for key, value, ok, what in rules if not ok]
+
+
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                       r"[A-Za-z0-9])?)*\.?")
+SLURM_WORD = re.compile(r"[A-Za-z0-9_.,-]{1,128}")
+
+
+def is_host(text: str) -> bool:
+    """A host name (RFC 1123) or an IPv4/IPv6 address."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(HOST_NAME.fullmatch(text))
+
+
+def check_launch_values(exp) -> list[Problem]:
+    L, out = exp.launch, []
+    if not is_host(L.master_addr):
+        out.append(Problem("launch", "launch.master_addr", f"{L.master_addr!r} is neither a host name nor an address",
+                           "give node 0's address or host name, e.g. launch.master_addr=10.0.0.1"))
+    if not 1 <= L.master_port <= 65535:
+        out.append(Problem("launch", "launch.master_port", f"is {L.master_port}", "use a port in 1..65535"))
+    part = L.slurm.partition
+    if part and not SLURM_WORD.fullmatch(part):
+        out.append(Problem("launch", "launch.slurm.partition", f"{part!r} is not a Slurm partition name",
+                           "use letters, digits, '_', '-', '.' (several partitions: comma-separated)"))
+    if L.socket_ifname and not re.fullmatch(r"[A-Za-z0-9_.:,^=-]{1,64}", L.socket_ifname):
+        out.append(Problem("launch", "launch.socket_ifname", f"{L.socket_ifname!r} is not an interface name",
+                           "e.g. launch.socket_ifname=eth0 (HCCL's ^ and = prefixes are allowed)"))
     return out
 
 
@@ -323,11 +393,13 @@ def check_rank_table(exp, L) -> list[Problem]:
     if exp.hardware.device_target != "Ascend":
         return [Problem("launch", "launch.rank_table", f"an HCCL rank table with hardware={exp.hardware.name}",
                         "rank tables are for Ascend servers; leave launch.rank_table empty (msrun) on CPU")]
-    from qwen15_exp.launch.rank_table import read_rank_table, table_problems
+    from qwen15_exp.launch.rank_table import count_lie, read_table, table_problems
     try:
-        issues = table_problems(read_rank_table(exp.launch.rank_table), L)
+        servers, declared = read_table(exp.launch.rank_table)
     except UserError as e:
         return [Problem("launch", "launch.rank_table", str(e), "give the job's hccl.json")]
+    issues = [count_lie(exp.launch.rank_table, declared, len(servers))] if declared != str(len(servers)) else []
+    issues += table_problems(servers, L) if L is not None else []
     return [Problem("launch", "launch.rank_table", issue,
                     "use the table of this job's servers, or change parallel.* / parallel.nodes to match it")
             for issue in issues]
@@ -370,26 +442,43 @@ def check_formats(exp) -> list[Problem]:
 def validate(exp, layout=None, memory=None, executes: bool | None = None) -> list[Problem]:
     """Every problem of the experiment. A run hands in its layout, memory estimate and whether it executes
     here (computed once); alone, they are computed here."""
-    problems = check_numbers(exp) + check_phase_inputs(exp) + check_formats(exp)
-    if problems:                      # the remaining checks assume sane values
-        return problems
-    L = layout or layout_of(exp)
+    problems = check_numbers(exp) + check_phase_inputs(exp) + check_formats(exp) + check_launch_values(exp)
+    sane = not problems
+    L = layout or laid_out(exp)       # None where the numbers make no layout (a zero degree)
     if executes is None:
         from qwen15_exp.launch.choose import choose_launcher
-        executes = choose_launcher(exp, L).executes
-    problems += check_devices(exp, L)
-    problems += check_model_vs_parallel(exp, L)
-    problems += check_lora_targets(exp)
-    if exp.phase.export and L.devices > 1:
-        problems.append(Problem("parallel", "parallel", f"phase=export on {L.devices} devices ({L.terms})",
-                                "export on one device (parallel=single); qwen15_exp does not write sharded MindIR "
-                                "(the seed's multi-card export needs MindFormers' distributed predict network)"))
-    if not problems:
+        executes = choose_launcher(exp, L).executes if L is not None else False
+    if L is not None:                 # every layout problem too, even beside bad values (all at once)
+        problems += layout_problems(exp, L)
+    if sane and not problems:
         problems += check_memory(exp, L, memory or estimate_memory(exp, L))
     problems += check_files(exp, executes)
     problems += check_rank_table(exp, L)
     problems += check_tokenizer(exp, executes)
     return problems
+
+
+def laid_out(exp):
+    """The layout, or None when the values cannot make one (validate reports those values)."""
+    try:
+        return layout_of(exp)
+    except (ArithmeticError, ValueError, UserError):
+        return None
+
+
+def layout_problems(exp, L) -> list[Problem]:
+    out = []
+    for check in (check_devices, check_model_vs_parallel):
+        try:
+            out += check(exp, L)
+        except (ArithmeticError, ValueError):      # a value reported elsewhere made this check meaningless
+            pass
+    out += check_lora_targets(exp)
+    if exp.phase.export and L.devices > 1:
+        out.append(Problem("parallel", "parallel", f"phase=export on {L.devices} devices ({L.terms})",
+                           "export on one device (parallel=single); qwen15_exp does not write sharded MindIR "
+                           "(the seed's multi-card export needs MindFormers' distributed predict network)"))
+    return out
 
 
 def format_problems(problems: list[Problem]) -> str:

@@ -163,3 +163,39 @@ def test_rank_table_merge_of_a_missing_or_broken_file_is_explained(tmp_path):
                             str(tmp_path / "out.json")], capture_output=True, text=True)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("phase.lr_schedule.learning_rate=-0.1", "phase.lr_schedule.learning_rate"),
+    ("phase.lr_schedule.learning_rate=nan", "phase.lr_schedule.learning_rate"),
+    ("phase.lr_schedule.warmup_ratio=1.5", "phase.lr_schedule.warmup_ratio"),
+    ("phase.optimizer.weight_decay=-1", "phase.optimizer.weight_decay"),
+    ("phase.optimizer.betas=[0.9,1.5]", "phase.optimizer.betas"),
+    ("phase.loss_scale.factor=inf", "phase.loss_scale.factor"),
+    ("phase.generation.top_p=0", "phase.generation.top_p"),
+    ("launch.master_addr='a b;c'", "launch.master_addr"),
+    ("launch.slurm.partition='gpu; rm -rf /'", "launch.slurm.partition"),
+])
+def test_values_that_cannot_be_right_are_refused(tmp_path, override, key):
+    """A negative or NaN learning rate trained (loss up, exit 0); a host that is no host, a partition that is no
+    name were taken: each is refused before anything runs."""
+    r = run_cli(["hardware=cpu", override], tmp_path)
+    assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.rglob("mindformers.yaml"))
+
+
+def test_a_group_choice_no_file_can_be_named_is_explained(tmp_path):
+    r = run_cli(["model=" + "a" * 5000], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "choose one of 0_5b" in r.stderr
+
+
+def test_all_problems_come_at_once(tmp_path):
+    """Values, missing files and layout problems in one report (they came in stages, fix one, meet the next)."""
+    r = run_cli(["hardware=cpu", "data=alpaca", "data.input=/nonexist", "phase.load_checkpoint=/nonexist",
+                 "phase.max_steps=0", "data.seq_length=-5"], tmp_path)
+    assert r.returncode == 2 and "4 problems found" in r.stderr
+    for key in ("data.seq_length", "phase.max_steps", "data.input", "phase.load_checkpoint"):
+        assert key in r.stderr
+    r = run_cli(["parallel.pipeline_stage=1000", "parallel.micro_batch_num=0"], tmp_path)
+    assert r.returncode == 2 and "pipeline_stage=1000 is more than num_layers" in r.stderr
+    assert "parallel.micro_batch_num: is 0" in r.stderr

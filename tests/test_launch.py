@@ -35,11 +35,14 @@ def fake_msrun(tmp_path):
 
 
 def test_plan_writes_one_quoted_msrun_script_per_node(tmp_path):
-    hostile = "10.0.0.1; touch PWNED"
+    refused = run_cli(["model=72b", "phase=finetune", "parallel=mp8pp4", "launch.master_addr='10.0.0.1; touch PWNED'"],
+                      tmp_path / "refused")
+    assert refused.returncode == 2 and "launch.master_addr" in refused.stderr   # no host: refused before a script
+    hostile = "node0.cluster-a.example"
     r = run_cli(["model=72b", "phase=finetune", "parallel=mp8pp4", f"launch.master_addr='{hostile}'",
                  "launch.master_port=9123", "+hardware.env.HCCL_BUFFSIZE='2 $(touch PWNED2)'"], tmp_path)
     assert r.returncode == 0, r.stderr
-    run_dir = only_run_dir(tmp_path)
+    run_dir = next((tmp_path / "outputs").rglob("plan.json")).parent
     scripts = sorted(run_dir.glob("launch_node*.sh"))
     assert [s.name for s in scripts] == [f"launch_node{i}.sh" for i in range(4)]
     assert (run_dir / "worker.py").is_file()

@@ -124,3 +124,16 @@ def test_hostile_table_paths_and_server_ids_stay_text(tmp_path):
     record = json.loads((seen / "rank_0.json").read_text())
     assert record["table"] == str(table) and record["server"] == f"x\ntouch {marker}\n\"; touch {marker}; \""
     assert not marker.exists() and not list(tmp_path.rglob("pwned"))
+
+
+def test_every_lie_of_a_rank_table_is_listed_at_once(tmp_path):
+    """server_count, device count, a repeated device_id and rank_ids with a gap: four lies in one report."""
+    table = tmp_path / "lies.json"
+    table.write_text(json.dumps({"version": "1.0", "server_count": "3", "status": "completed", "server_list": [
+        {"server_id": "10.0.0.1", "device": [{"device_id": "0", "device_ip": "1.1.1.1", "rank_id": "0"},
+                                             {"device_id": "0", "device_ip": "1.1.1.2", "rank_id": "5"}]}]}))
+    r = run_cli(["model=7b", "parallel=dp8", "hardware=atlas_800t_a2", f"launch.rank_table={table}"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    for lie in ("server_count says 3 but server_list holds 1", "has 2 devices, the layout 8 per node",
+                "lists a device_id twice", "rank_ids must be 0..1"):
+        assert lie in r.stderr, lie

@@ -39,6 +39,18 @@ class Server:
 
 def read_rank_table(path: str) -> list[Server]:
     """The servers of a rank table, devices in rank order; a malformed table is a UserError naming the field."""
+    servers, declared = read_table(path)
+    if declared != str(len(servers)):
+        raise UserError(count_lie(path, declared, len(servers)))
+    return servers
+
+
+def count_lie(path: str, declared: str, held: int) -> str:
+    return f"launch.rank_table={path}: server_count says {declared} but server_list holds {held} servers"
+
+
+def read_table(path: str) -> tuple[list[Server], str]:
+    """The servers and the server_count the table declares (validate lists every lie at once)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such rank table file; give the hccl.json of the job (or of each server to "
@@ -51,10 +63,7 @@ def read_rank_table(path: str) -> list[Server]:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"launch.rank_table={path} is not an HCCL rank table ({type(e).__name__}: {e}); it needs "
                         "server_list[].server_id and server_list[].device[].device_id/rank_id") from None
-    if str(table.get("server_count", len(servers))) != str(len(servers)):
-        raise UserError(f"launch.rank_table={path}: server_count says {table.get('server_count')} but server_list "
-                        f"holds {len(servers)} servers")
-    return servers
+    return servers, str(table.get("server_count", len(servers)))
 
 
 def table_problems(servers: list[Server], layout) -> list[str]:
