@@ -305,6 +305,7 @@ class LaunchConfig:
     hccl_exec_timeout: int = 1800
     socket_ifname: str = ""
     bind_core: bool = True
+    max_nodes: int = 1024                 # a plan writes one script per node: beyond this it is refused (raise it)
     compile_cache: bool = True            # MindSpore's graph compile cache, keyed by the graph (compile_cache.py)
     compile_cache_max_gb: float = 2.0     # this machine's shared cache folders beyond it go, least recently used first
     slurm: SlurmOptions = field(default_factory=SlurmOptions)

@@ -208,6 +208,13 @@ def suggested_args(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.lstrip("+~").startswith(("tune.", "hydra.", "hydra/"))]
 
 
+def most_devices(exp, global_batch: int) -> int:
+    """The most devices any layout can use: data_parallel divides the global batch, model_parallel is one of
+    the node's options, and a pipeline stage holds at least one layer."""
+    from qwen15_exp.search import model_parallel_options
+    return global_batch * max(model_parallel_options(exp)) * exp.model.num_layers
+
+
 def run(argv: list[str]) -> int:
     from qwen15_exp.paths import user_conf_dir
     exp = compose_job(argv)
@@ -222,6 +229,11 @@ def run(argv: list[str]) -> int:
         raise UserError(f"tune.name={name!r}: use letters, digits, '_' and '-', starting with a letter (it names a config group)")
     if opts.top_k < 1 or opts.measure_steps < 1:
         raise UserError("tune.top_k and tune.measure_steps must be at least 1")
+    most = most_devices(exp, gb)
+    if devices > most:              # no layout can use them: say so now, whatever the budget's size
+        raise UserError(f"no layout of {exp.model.name} can use {devices:,} devices at global batch {gb}: at most "
+                        f"{most:,} (global batch {gb} x the widest model_parallel x one stage per layer); lower "
+                        "tune.devices / tune.nodes, or raise tune.global_batch")
     result = tune(exp, devices, gb)
     print(f"{exp.model.name} {exp.phase.name}, seq {exp.data.seq_length}, global batch {gb} "
           f"({gb * exp.data.seq_length:,} tokens/step), {devices} devices of {exp.hardware.name}")

@@ -27,7 +27,9 @@ class Problem:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """In O(sqrt n): a budget of 10^9 devices is answered at once."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def check_numbers(exp) -> list[Problem]:
@@ -468,6 +470,11 @@ def laid_out(exp):
 
 def layout_problems(exp, L) -> list[Problem]:
     out = []
+    if L.nodes > exp.launch.max_nodes:      # before anything else: 10^6 devices would write 10^5 scripts
+        return [Problem("parallel", "parallel", f"{L.devices:,} devices = {L.nodes:,} nodes ({L.terms}), more than "
+                        f"launch.max_nodes={exp.launch.max_nodes}",
+                        "check the degrees (parallel.data_parallel x model_parallel x pipeline_stage), or raise "
+                        "launch.max_nodes for a cluster that large")]
     for check in (check_devices, check_model_vs_parallel):
         try:
             out += check(exp, L)

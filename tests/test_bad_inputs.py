@@ -199,3 +199,15 @@ def test_all_problems_come_at_once(tmp_path):
     r = run_cli(["parallel.pipeline_stage=1000", "parallel.micro_batch_num=0"], tmp_path)
     assert r.returncode == 2 and "pipeline_stage=1000 is more than num_layers" in r.stderr
     assert "parallel.micro_batch_num: is 0" in r.stderr
+
+
+def test_absurd_sizes_are_answered_at_once(tmp_path):
+    """data_parallel=1000000 on a 72B plan wrote 125,000 scripts (519 MB); a tune budget of 10^9 devices searched
+    for 105 s. Both are refused before any work, naming the key."""
+    r = run_cli(["model=72b", "parallel.data_parallel=1000000"], tmp_path / "plan", timeout=60)
+    assert r.returncode == 2 and "launch.max_nodes=1024" in r.stderr
+    assert not list((tmp_path / "plan").rglob("launch_node*.sh"))
+    assert len(r.stdout.splitlines()) + len(r.stderr.splitlines()) < 20
+    r = run_cli(["model=72b", "phase=finetune", "hardware=atlas_800t_a2", "tune.devices=1000000000"],
+                tmp_path / "tune", module="qwen15_exp.tune", timeout=60)
+    assert r.returncode == 2 and "can use 1,000,000,000 devices" in r.stderr and "at most 640" in r.stderr
