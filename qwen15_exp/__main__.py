@@ -26,6 +26,13 @@ def task(cfg) -> dict | None:
     from qwen15_exp.run import run
 
     run_dir = HydraConfig.get().runtime.output_dir
+    if "tracking" in cfg:
+        from qwen15_exp.errors import UserError
+        from qwen15_exp.tracking import bound_retries, unreachable_store
+        bound_retries()
+        problem = unreachable_store(cfg)
+        if problem:
+            raise UserError(problem + "; nothing was run")
     process_start = PROCESS_START if _jobs["started"] == 0 else None   # later jobs of a sweep: from their start
     _jobs["started"] += 1
     if HydraConfig.get().mode.name != "MULTIRUN":

@@ -158,6 +158,34 @@ def log_sweep(tracking: dict, output_root: str, experiment: str, sweep_dir: Path
     return run.info.run_id
 
 
+def unreachable_store(config) -> str | None:
+    """Why the MLflow server the config names cannot be used, asked before the run: a refused connection is an
+    answer (MLflow's client would retry it with back-off for minutes after training)."""
+    import socket
+    from urllib.parse import urlsplit
+    tracking = _tracking(config)
+    if tracking.get("backend") != "mlflow":
+        return None
+    uri = tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith(("http://", "https://")):
+        return None                          # a local store: created on first use
+    parts = urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "", port), timeout=5).close()
+    except (OSError, ValueError) as e:
+        return (f"the MLflow store {uri} does not answer ({getattr(e, 'strerror', None) or e}); start it "
+                "(mlflow server --host ... --port ...), fix tracking.uri, or leave out +tracking=mlflow")
+    return None
+
+
+def bound_retries() -> None:
+    """A store that goes away mid-sweep is reported after a few tries, not after minutes of back-off."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
 def _tracking(config) -> dict:
     return OmegaConf.to_container(config.tracking, resolve=True) if "tracking" in config else {}
 

@@ -171,6 +171,29 @@ def test_dp2_main_process_killed_leaves_nothing_and_resumes(tmp_path, uninterrup
     np.testing.assert_allclose(losses(run_dir), uninterrupted["dp2"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_dp2_start_up_ends_when_the_workers_are_gone(tmp_path, sig):
+    """A signal while msrun starts its workers: they stop, and so does the run, without waiting for
+    launch.stop_grace_s (120 s) or msrun's scheduler; it says which signal it was and leaves nothing."""
+    out = tmp_path / "out"
+    proc = start(out, COMMON + ["parallel=dp2"])
+    from qwen15_exp.launch.msrun import is_worker
+    wait_for(lambda: any(is_worker(p) for p in tree(proc.pid)), timeout=120)
+    procs = tree(proc.pid)
+    t0 = time.monotonic()
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=100)
+    stop_s = time.monotonic() - t0
+    assert_all_gone(procs)
+    assert stop_s < 60, f"took {stop_s:.0f} s to stop"          # was the whole grace period (120 s)
+    assert proc.returncode == 128 + sig
+    result = read_json(run_dir_of(out) / "result.json")
+    assert result["status"] == "interrupted" and f"stopped by {signal.Signals(sig).name}" in result["error"]
+    log = (out.parent / "out.log").read_text()
+    assert f"stopped by {signal.Signals(sig).name}" in log and "continue with: python -m qwen15_exp resume=" in log
+
+
 def test_resume_refuses_another_model_or_layout(tmp_path):
     r = run_cli(["hardware=cpu", "launch.mode=plan"], tmp_path)
     assert r.returncode == 0, r.stderr

@@ -119,3 +119,12 @@ def test_what_a_job_logs_comes_from_its_result():
     assert summary["wall_time_s"] == 30.0 and "peak_rss_mb" not in summary
     assert flat_params({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == \
         {"a.b": "1", "a.c": "[1, 2]", "d": "None", "e": "{}"}
+
+
+def test_a_store_that_does_not_answer_is_said_before_training(tmp_path):
+    """A refused connection is an answer: said at once, exit 2, nothing trained (it was 250 s of retries after
+    the training, their warnings on stdout)."""
+    r = run_cli(["+tracking=mlflow", "tracking.uri=http://127.0.0.1:9", "hardware=cpu"], tmp_path, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "the MLflow store http://127.0.0.1:9 does not answer" in r.stderr and "nothing was run" in r.stderr
+    assert not list(tmp_path.rglob("steps_rank0.jsonl")) and "WARNING" not in r.stdout

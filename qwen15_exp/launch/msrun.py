@@ -172,11 +172,24 @@ def worker_log_tail(run_dir: Path, chars: int = 2000) -> str:
     return logs[-1].read_text(errors="replace")[-chars:] if logs else ""
 
 
+def running(process) -> bool:
+    import psutil
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+WORKERS_GONE_S = 2.0      # after a stop request, msrun alone this long (its scheduler waits for workers): stop it
+
+
 def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path, on_poll=lambda: None) -> int:
-    """Wait for msrun. On a stop request, the workers get SIGTERM (they agree on a step, checkpoint and exit);
-    after `grace_s`, or on a second request, everything is stopped at once. Returns msrun's exit code."""
+    """Wait for msrun. On a stop request, the workers get SIGTERM (they agree on a step, checkpoint and exit),
+    and so do workers msrun starts after it (a stop during start-up). Once no worker is left, msrun is stopped
+    too instead of waiting for its scheduler's timeout; after `grace_s`, or on a second request, everything is
+    stopped at once. Returns msrun's exit code."""
     from qwen15_exp.lifecycle import RunInterrupted
-    forwarded_at, seen = None, []
+    forwarded_at, seen, terminated, last_worker_at = None, [], set(), None
     try:
         while True:
             try:
@@ -185,12 +198,21 @@ def supervise(proc: subprocess.Popen, request, grace_s: float, run_dir: Path, on
                 pass
             on_poll()
             seen = list({p.pid: p for p in seen + descendants(proc.pid)}.values())
-            if request() and forwarded_at is None:
-                forwarded_at = time.monotonic()
-                for p in seen:
-                    if is_worker(p):
-                        p.terminate()
-            if forwarded_at is not None and time.monotonic() - forwarded_at > grace_s:
+            if not request():
+                continue
+            now = time.monotonic()
+            forwarded_at = forwarded_at or now
+            workers = [p for p in seen if is_worker(p) and running(p)]
+            for p in workers:
+                if p.pid not in terminated:
+                    p.terminate()
+                    terminated.add(p.pid)
+            if workers:
+                last_worker_at = now
+            if now - (last_worker_at or forwarded_at) > WORKERS_GONE_S:
+                stop_tree(proc, seen)
+                return proc.returncode
+            if now - forwarded_at > grace_s:
                 raise RunInterrupted(f"workers did not stop within launch.stop_grace_s={grace_s:g}s", request.signal)
     except BaseException:
         stop_tree(proc, seen)
