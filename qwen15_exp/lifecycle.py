@@ -86,8 +86,10 @@ def run_status(run_dir: Path) -> dict:
     if result_path.is_file():
         try:
             result = json.loads(result_path.read_text())
-        except ValueError:
-            result = {}
+        except (ValueError, UnicodeDecodeError):
+            return {"status": "unreadable", "run_dir": str(run_dir),
+                    "error": f"{result_path} is not readable JSON (cut short or edited): how the run ended is not "
+                             f"known; resume={run_dir} continues from its newest complete checkpoint"}
         if result.get("status") == "running" and not pid_alive(int(result.get("pid", 0) or 0)):
             return {**result, "status": "killed",
                     "error": "the process was killed (SIGKILL, out of memory, or the node went away); "

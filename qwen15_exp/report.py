@@ -215,8 +215,31 @@ def not_ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] not in ("ok", "planned")]
 
 
+def another_sweep(sweep_dir: Path, overrides: list[str]) -> list[str] | None:
+    """The overrides of the sweep whose folder this is, when it is another sweep's (its jobs would mix into this
+    one's report and exit status); None for a new folder or the same sweep run again (which continues it)."""
+    import yaml
+    previous = sweep_dir / "multirun.yaml"
+    if not previous.is_file():
+        return None
+    try:
+        theirs = list(yaml.safe_load(previous.read_text())["hydra"]["overrides"]["task"])
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+    return None if sorted(theirs) == sorted(overrides) else theirs
+
+
 class SweepReport(Callback):
-    """Hydra callback: write the sweep report when a multirun ends."""
+    """Hydra callback: refuse a sweep folder that holds another sweep; write the sweep report when it ends."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        theirs = another_sweep(sweep_dir, list(config.hydra.overrides.task))
+        if theirs is not None:
+            print(f"error: hydra.sweep.dir={sweep_dir} holds another sweep ({' '.join(theirs) or 'no overrides'}); "
+                  "its jobs would be reported as this one's. Choose another hydra.sweep.dir, or run that sweep's "
+                  "own overrides to continue it", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -111,5 +111,7 @@ def resume_point(exp, run_dir: Path, layout) -> Checkpoint | None:
         raise UserError(f"resume={run_dir}: its checkpoint is at step {point.step}, which is phase.max_steps="
                         f"{exp.phase.max_steps}; raise phase.max_steps to train on")
     cut_steps_logs(run_dir, point.step)
-    print(f"resume: {run_dir} from step {point.step} ({point.files[0]}; was {status.get('status')})")
+    was = ("its result.json was unreadable" if status.get("status") == "unreadable"
+           else f"was {status.get('status')}")
+    print(f"resume: {run_dir} from step {point.step} ({point.files[0]}; {was})")
     return point

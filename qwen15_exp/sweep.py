@@ -15,7 +15,7 @@ from qwen15_exp.lifecycle import run_status
 from qwen15_exp import run_files
 
 KEEP = ("ok", "planned")
-CONTINUE = ("interrupted", "killed")
+CONTINUE = ("interrupted", "killed", "unreadable")
 
 
 def config_sha(cfg) -> str:

@@ -101,6 +101,11 @@ def test_a_sweep_says_why_exits_non_zero_and_a_rerun_redoes_only_what_did_not_en
     assert "job 0: already planned" in r.stdout                          # kept, not planned again
     assert (sweep / "0" / "plan.json").stat().st_mtime_ns == first_plan
     assert read_json(sweep / "1" / "result.json")["status"] == "invalid"  # the missing one ran again
+    # another sweep into the same folder would mix the two in one report and exit status: refused
+    r = run_cli(["-m", "model=0_5b,1_8b", "hardware=atlas_800t_a2", "parallel=dp8", f"hydra.sweep.dir={sweep}"],
+                tmp_path)
+    assert r.returncode == 2 and "holds another sweep (model=7b,72b" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
 
 
 def test_a_slurm_sweep_without_slurm_is_a_clear_error(tmp_path):

@@ -242,3 +242,25 @@ def test_killed_runs_are_reported_as_killed(tmp_path):
     assert run_status(tmp_path)["status"] == "killed"
     (tmp_path / "result.json").write_text(json.dumps({"status": "running", "pid": os.getpid()}))
     assert run_status(tmp_path)["status"] == "running"
+
+
+def test_an_unreadable_result_is_said_not_called_killed(tmp_path):
+    from qwen15_exp.lifecycle import run_status
+    (tmp_path / "plan.json").write_text("{}")
+    (tmp_path / "result.json").write_text('{"status": "o')                 # cut short
+    status = run_status(tmp_path)
+    assert status["status"] == "unreadable" and "not readable JSON" in status["error"]
+
+
+def test_a_run_dir_as_weights_is_its_newest_complete_checkpoint(tmp_path):
+    """phase.load_checkpoint=<run dir> takes what resume would: the newest step every rank completed."""
+    from qwen15_exp.weights.checkpoint import checkpoint_of_run_dir, is_run_dir
+    from qwen15_exp.weights.tensors import write_streaming
+    (tmp_path / "plan.json").write_text(json.dumps({"devices": 1}))
+    rank = tmp_path / "output" / "checkpoint" / "rank_0"
+    rank.mkdir(parents=True)
+    for step in (3, 6):
+        write_streaming(rank / f"qwen2_rank_0-1_{step}.safetensors", [("w", "F32", (4,)), ("step_num", "I64", (1,))],
+                        lambda n, s=step: np.ones(4, np.float32) if n == "w" else np.array([s], np.int64))
+    assert is_run_dir(str(tmp_path)) and not is_run_dir(str(rank))
+    assert checkpoint_of_run_dir(str(tmp_path)) == str(rank / "qwen2_rank_0-1_6.safetensors")

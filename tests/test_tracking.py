@@ -96,10 +96,29 @@ def test_a_two_job_sweep_reads_back_from_a_real_mlflow_server(mlflow_server, tmp
 
 
 @pytest.mark.slow
-def test_an_unreachable_store_is_said_and_the_exit_status_says_so(tmp_path):
-    port = free_port()                  # nothing listens there
-    out = run_cli(["+tracking=mlflow", f"tracking.uri=http://127.0.0.1:{port}", "phase.max_steps=2"], tmp_path,
-                  env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+def test_a_store_that_fails_after_the_check_is_said_and_the_exit_status_says_so(tmp_path):
+    """Something answers at the address but is no MLflow server (or it went away): the run stands, what could
+    not be logged is said, and the exit status is 1."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def hang_up():                      # accepts and closes every connection: no HTTP answer
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        out = run_cli(["+tracking=mlflow", f"tracking.uri=http://127.0.0.1:{port}", "phase.max_steps=2"], tmp_path,
+                      env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    finally:
+        listener.close()
     assert out.returncode == 1
     assert "mlflow: could not log" in out.stderr and "tracking.uri" in out.stderr
     assert "Traceback" not in out.stderr
