@@ -211,3 +211,53 @@ def test_absurd_sizes_are_answered_at_once(tmp_path):
     r = run_cli(["model=72b", "phase=finetune", "hardware=atlas_800t_a2", "tune.devices=1000000000"],
                 tmp_path / "tune", module="qwen15_exp.tune", timeout=60)
     assert r.returncode == 2 and "can use 1,000,000,000 devices" in r.stderr and "at most 640" in r.stderr
+
+
+def test_weights_folders_that_lie_are_refused(tmp_path):
+    """A folder with only a damaged model.safetensors, one with only a malformed config.json, and Hugging Face
+    folders whose config.json contradicts the model (a word for a number, another model_type, another depth):
+    exit 2 naming the file, before anything is built."""
+    from helpers import random_hf_qwen2
+    only_tensors, only_config = tmp_path / "only_tensors", tmp_path / "only_config"
+    only_tensors.mkdir()
+    (only_tensors / "model.safetensors").write_bytes(os.urandom(1000))
+    only_config.mkdir()
+    (only_config / "config.json").write_text('{"hidden_size": ')
+    hf = tmp_path / "hf"
+    random_hf_qwen2(hf, ["model=tiny"])
+    good = json.loads((hf / "config.json").read_text())
+    cases = [(only_tensors, "no config.json"), (only_config, "no *.safetensors")]
+    for name, change, needle in (("word", {"hidden_size": "sixty-four"}, "hidden_size is 'sixty-four'"),
+                                 ("llama", {"model_type": "llama"}, "model_type='llama'"),
+                                 ("deeper", {"num_hidden_layers": 3}, "num_hidden_layers 3 (model=tiny: 2)")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").symlink_to(hf / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({**good, **change}))
+        cases.append((folder, needle))
+    for folder, needle in cases:
+        r = run_cli(["hardware=cpu", "launch.mode=plan", f"phase.load_checkpoint={folder}"], tmp_path / "runs")
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (folder, r.stderr[-500:])
+
+
+def test_peft_folders_that_lie_are_refused(tmp_path):
+    """adapter_config.json saying rank 16 over rank-8 tensors would merge at the wrong scale (peft refuses such
+    a folder too); a config nested 100,000 levels deep ended in a RecursionError."""
+    from safetensors.numpy import save_file
+
+    from qwen15_exp.errors import UserError
+    from qwen15_exp.weights.peft import read_peft
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{module}.lora_A.weight": np.zeros((8, 64), np.float32),
+               f"{module}.lora_B.weight": np.zeros((64, 8), np.float32)}, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="says r=16 but its adapter tensors have rank 8"):
+        read_peft(folder)
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="is not a readable PEFT adapter_config.json"):
+        read_peft(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    assert read_peft(folder).rank == 8

@@ -41,7 +41,51 @@ def tensor_shapes(path: Path) -> dict[str, tuple]:
         raise
     except Exception as e:             # struct/JSON/protobuf errors of a damaged file
         raise _unreadable(path, f"{type(e).__name__}: {str(e)[:200]}") from None
+    if path.is_dir() and not any(d.is_dir() for d in path.glob("rank_*")):
+        raise not_weights_folder(path)
     return {}                          # a folder of rank_* checkpoints: MindFormers checks it itself
+
+
+def not_weights_folder(path: Path) -> UserError:
+    """A folder that is none of the weights folders a run takes, saying what it lacks."""
+    has_config, has_tensors = (path / "config.json").is_file(), any(path.glob("*.safetensors"))
+    if has_tensors and not has_config:
+        why = "it holds *.safetensors but no config.json (a Hugging Face folder needs both)"
+    elif has_config and not has_tensors:
+        why = "it holds config.json but no *.safetensors (a Hugging Face folder needs both)"
+    else:
+        why = "it holds neither a Hugging Face model (config.json + *.safetensors) nor rank_* checkpoint folders"
+    return UserError(f"{path} is not a weights folder: {why}; give a checkpoint file, a Hugging Face folder, a "
+                     "folder of rank_* folders or the dir of an earlier run")
+
+
+# config.json keys of a Qwen2ForCausalLM and the ModelConfig fields they must equal
+HF_CONFIG_KEYS = (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
+                  ("num_attention_heads", "num_heads"), ("intermediate_size", "intermediate_size"),
+                  ("vocab_size", "vocab_size"))
+
+
+def check_hf_config(folder: Path, model) -> None:
+    """A Hugging Face folder's config.json read and held against the chosen model: a Qwen2 model of the same
+    shape (its tensors are checked next). A config that is damaged or names another model is a UserError."""
+    from qwen15_exp.weights.peft import read_json_file
+    config = read_json_file(folder / "config.json", "Hugging Face config.json")
+    if config.get("model_type") not in (None, "qwen2"):
+        raise UserError(f"{folder}/config.json says model_type={config.get('model_type')!r}: Qwen1.5 weights are "
+                        "model_type qwen2 (Qwen2ForCausalLM)")
+    wrong = []
+    for key, field in HF_CONFIG_KEYS + (("num_key_value_heads", None),):
+        value = config.get(key)
+        want = (model.n_kv_heads or model.num_heads) if field is None else getattr(model, field)
+        if value is None and field is None:
+            continue                       # optional: defaults to num_attention_heads
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{folder}/config.json: {key} is {value!r}, not a whole number; the file is damaged")
+        if value != want:
+            wrong.append(f"{key} {value} (model={model.name}: {want})")
+    if wrong:
+        raise UserError(f"{folder}/config.json does not describe model={model.name}: {'; '.join(wrong)}. Choose the "
+                        "model=<size> the folder holds")
 
 
 def looks_like(shapes: dict[str, tuple]) -> str:
@@ -59,6 +103,8 @@ def looks_like(shapes: dict[str, tuple]) -> str:
 
 def check_fits(path: str, model) -> None:
     """Raise a UserError naming the differences when the weights at `path` are not `model`'s."""
+    if is_hf_folder(Path(path)):
+        check_hf_config(Path(path), model)
     shapes = tensor_shapes(Path(path))
     if not shapes:
         return

@@ -68,8 +68,20 @@ def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout
     return [out_dir / CONFIG, out_dir / WEIGHTS]
 
 
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from a file people hand us, or a UserError naming it (damaged, nested beyond reason, or not
+    an object)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a {what} (a JSON object is expected, found {type(value).__name__})")
+    return value
+
+
 def read_peft(folder: Path) -> Adapters:
-    config = json.loads((folder / CONFIG).read_text())
+    config = read_json_file(folder / CONFIG, "PEFT adapter_config.json")
     unsupported = {k: config.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out") if config.get(k)}
     if config.get("peft_type") != "LORA" or unsupported or config.get("bias", "none") != "none":
         raise UserError(f"{folder}: only plain LoRA adapters load (peft_type LORA, bias none, no DoRA/rsLoRA/"
@@ -104,8 +116,18 @@ def read_peft(folder: Path) -> Adapters:
     broken = [layer for layer, (a, b) in pairs.items() if a is None or b is None]
     if broken:
         raise UserError(f"{folder}: adapters without their A or B half: {broken[:3]}")
-    return Adapters(int(config["r"]), float(config["lora_alpha"]), {k: tuple(v) for k, v in pairs.items()},
-                    extras, str(folder))
+    try:
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{folder}: {CONFIG} needs a whole-number r and a number lora_alpha; it has r="
+                        f"{config.get('r')!r}, lora_alpha={config.get('lora_alpha')!r}") from None
+    # the scale is alpha / r: a config that states another rank than its tensors would merge them wrongly
+    # (peft itself refuses to load such a folder)
+    ranks = {a.shape[0] for a, b in pairs.values()} | {b.shape[1] for a, b in pairs.values()}
+    if ranks and ranks != {rank}:
+        raise UserError(f"{folder}: {CONFIG} says r={rank} but its adapter tensors have rank "
+                        f"{', '.join(map(str, sorted(ranks)))}; the folder is inconsistent: export it again")
+    return Adapters(rank, alpha, {k: tuple(v) for k, v in pairs.items()}, extras, str(folder))
 
 
 def hf_base_of(run_dir: Path, base_model: str = "") -> str:
