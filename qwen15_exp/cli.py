@@ -48,6 +48,29 @@ def slurm_missing(argv: list[str]) -> str | None:
 MAX_CHOICE_CHARS = 200
 
 
+def unwritable_roots() -> str | None:
+    """The output root (every run writes there) and the cache root (data, weights, compiled graphs) must take
+    files; QWEN15_EXP_OUTPUTS and XDG_CACHE_HOME move them."""
+    from qwen15_exp.paths import cache_root, output_root, unwritable
+    for root, key in ((output_root(), "QWEN15_EXP_OUTPUTS"), (cache_root(), "XDG_CACHE_HOME")):
+        why = unwritable(root)
+        if why:
+            return f"cannot write into {root} ({why}); point {key} at a writable folder"
+    return None
+
+
+WRITE_ERRORS = {30: "read-only file system", 13: "permission denied", 28: "no space left", 122: "disk quota exceeded"}
+
+
+def write_error_message(e: OSError) -> str | None:
+    """An OSError of the machine's storage as one line for the user, or None for any other error."""
+    if e.errno not in WRITE_ERRORS:
+        return None
+    where = e.filename or "a file"
+    return (f"cannot write {where}: {e.strerror or WRITE_ERRORS[e.errno]}; give a writable folder with free space "
+            "(output=, QWEN15_EXP_OUTPUTS, XDG_CACHE_HOME)")
+
+
 def absurd_choice(argv: list[str]) -> str | None:
     """A config group choice no file can be named (`model=<5,000 characters>`): Hydra would look the file up
     and end in "File name too long"."""
@@ -86,7 +109,7 @@ def run_app(config_name: str, task: Callable[[Any], Any],
     quiet(sys.argv[1:])                   # every entrypoint (chat, prepare, convert): MindFormers' log to its files
     prepare_process()
 
-    problem = slurm_missing(sys.argv[1:]) or absurd_choice(sys.argv[1:])
+    problem = slurm_missing(sys.argv[1:]) or absurd_choice(sys.argv[1:]) or unwritable_roots()
     if problem:
         report_user_error(problem)
         sys.exit(2)
@@ -109,6 +132,12 @@ def run_app(config_name: str, task: Callable[[Any], Any],
         except RunInterrupted as e:           # a signal: result.json says interrupted; stop (a sweep too)
             report_user_error(str(e))
             sys.exit(e.exit_code)
+        except OSError as e:                  # a read-only or full file system: the machine's, said in a line
+            message = write_error_message(e)
+            if message is None:
+                raise
+            report_user_error(message)
+            sys.exit(2)
 
     try:
         app()

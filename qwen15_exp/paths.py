@@ -29,3 +29,22 @@ def user_conf_dir() -> Path:
     never into the installed package, and on Hydra's search path for every qwen15_exp command
     (hydra_plugins/qwen15_exp_launcher/searchpath.py)."""
     return output_root() / "conf"
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in `folder` (created if missing), or None. Asked before a run starts: a
+    read-only or full file system is the machine's fault, said in one line, not a traceback half way."""
+    import errno
+    import os
+    import tempfile
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".qwen15_exp_probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.EINVAL):
+            return f"{folder}: {e.strerror}"
+        return f"{e.filename or folder}: {e.strerror or e}"
+    return None

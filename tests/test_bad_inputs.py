@@ -261,3 +261,31 @@ def test_peft_folders_that_lie_are_refused(tmp_path):
         read_peft(folder)
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
     assert read_peft(folder).rank == 8
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (a tmpfs mounted ro: root ignores file modes); skipped where mounting is not
+    allowed."""
+    import subprocess
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_roots_and_outputs_are_one_line(tmp_path, read_only_folder):
+    """A read-only output root, cache root or prepare output= ended in tracebacks; each is one line and exit 2."""
+    for args, env, needle in (
+            (["launch.mode=plan"], {"QWEN15_EXP_OUTPUTS": str(read_only_folder / "out")}, "QWEN15_EXP_OUTPUTS"),
+            (["launch.mode=plan"], {"XDG_CACHE_HOME": str(read_only_folder / "cache")}, "XDG_CACHE_HOME"),
+    ):
+        r = run_cli(args, tmp_path / "run", env=env)
+        assert r.returncode == 2 and "Read-only file system" in r.stderr and needle in r.stderr, r.stderr[-800:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(["data=alpaca_sample", f"output={read_only_folder / 'data'}"], tmp_path / "prep",
+                module="qwen15_exp.prepare")
+    assert r.returncode == 2 and "Read-only file system" in r.stderr and "Traceback" not in r.stderr
