@@ -38,7 +38,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `path`; it becomes `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_orphans(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~umask())         # mkdtemp makes 0700; prepared data is meant to be shared
     try:
         yield tmp
@@ -49,6 +50,33 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Temp folders of `path` left by a writer that was killed (SIGKILL, the OOM killer: no cleanup runs); the
+    writer's pid is in the name, a live writer's folder is left alone."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+    return glob.escape(name)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def share(folder: Path) -> None:

@@ -1,4 +1,5 @@
 """Data preparation: alpaca -> ChatML -> MindRecord rows, Wikitext windows, caching, bad input."""
+import os
 import json
 from pathlib import Path
 
@@ -299,3 +300,23 @@ def test_prepare_command_writes_chatml_and_mindrecord(tmp_path):
     assert json.loads((tmp_path / "conv.jsonl").read_text().splitlines()[0])["messages"][1]["content"] == "Q: x"
     r = run_cli(["data=wiki"], tmp_path, module="qwen15_exp.prepare")
     assert r.returncode == 2 and "data.input is required" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_killed_writer_leaves_no_temp_folder_behind(tmp_path):
+    """A writer killed outright (the OOM killer) cannot clean up: the next writer of the same folder removes
+    its temp folder (the dead pid is in its name) and leaves a live writer's alone."""
+    import subprocess
+    import sys
+    from qwen15_exp.atomic import atomic_dir
+    target = tmp_path / "data-abc"
+    code = ("import os, sys; from qwen15_exp.atomic import atomic_dir\n"
+            f"with atomic_dir({str(target)!r}) as tmp:\n    (tmp / 'part').write_bytes(b'x' * 1000)\n"
+            "    os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert len(list(tmp_path.glob(".data-abc.*.tmp"))) == 1                 # left by the killed writer
+    live = tmp_path / f".data-abc.{os.getpid()}.x.tmp"
+    live.mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "done").write_text("ok")
+    assert (target / "done").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data-abc", live.name])
