@@ -320,3 +320,15 @@ def test_a_killed_writer_leaves_no_temp_folder_behind(tmp_path):
         (tmp / "done").write_text("ok")
     assert (target / "done").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data-abc", live.name])
+
+
+def test_a_record_too_large_to_be_a_training_row_is_refused(tmp_path, monkeypatch):
+    """A record far longer than any row keeps (a 1 GB one was OOM-killed while tokenized) is refused with its
+    index and size (the bound lowered here to keep the test small)."""
+    from qwen15_exp.data import alpaca as alpaca_module
+    monkeypatch.setattr(alpaca_module, "MAX_RECORD_CHARS", 1000)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([{"instruction": "hi", "input": "", "output": "ok"},
+                                {"instruction": "long", "input": "", "output": "x" * 5000}]))
+    with pytest.raises(UserError, match=r"record 1 holds 5,004 characters; a record above 1,000"):
+        list(alpaca.iter_alpaca(path))

@@ -27,6 +27,18 @@ def alpaca_to_messages(record: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     ]
 
 
+# a row keeps at most seq_length tokens (32,768 in the longest recipe), a few characters each: a record of more
+# than this many characters is a mistake, and tokenizing it whole would take gigabytes (a 1 GB record passed
+# 6 GB and was OOM-killed)
+MAX_RECORD_CHARS = 16 * 2**20
+
+
+def check_record_size(chars: int, where: str) -> None:
+    if chars > MAX_RECORD_CHARS:
+        raise UserError(f"{where} holds {chars:,} characters; a record above {MAX_RECORD_CHARS:,} is refused "
+                        "(a training row keeps at most seq_length tokens): split or drop it")
+
+
 def check_alpaca_record(record, index: int, path: Path) -> None:
     where = f"{path}: record {index}"
     if not isinstance(record, dict):
@@ -37,6 +49,8 @@ def check_alpaca_record(record, index: int, path: Path) -> None:
             raise UserError(f"{where} has no '{key}' field; alpaca records need instruction, (input,) output")
         if not isinstance(record[key], str):
             raise UserError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
+    check_record_size(sum(len(v) for v in (record["instruction"], record.get("input") or "", record["output"])),
+                      where)
     if not record["instruction"].strip():
         raise UserError(f"{where} has an empty instruction; fix or drop that record")
     if record.get("input") is not None and not isinstance(record["input"], str):
@@ -94,6 +108,7 @@ def iter_chatml(path: str | Path) -> Iterator[list[dict]]:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise UserError(f"{path}: record {i}: every message needs string 'role' and 'content'")
+        check_record_size(sum(len(m["content"]) for m in msgs), f"{path}: record {i}")
         yield msgs
 
 
