@@ -116,6 +116,7 @@ def read_steps(log: Path) -> list[dict]:
 
 
 FAILURE_CLASSES = (      # (class, words in the error or the worker log that identify it), first match wins
+    ("disk full", ("no space left", "disk quota exceeded")),
     ("out of memory", ("out of memory", "outofmemory", "memoryerror", "cannot allocate memory", "oom", "malloc")),
     ("killed", ("killed", "sigkill", "signal 9")),
     ("connection / HCCL", ("hccl", "connection refused", "timed out", "timeout", "address already in use",

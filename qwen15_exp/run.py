@@ -136,7 +136,10 @@ def run(cfg, run_dir: Path, process_start: float | None = None, show_progress: b
         record_unfinished(result, "invalid", str(e), t0)
         raise
     except Exception as e:
-        record_unfinished(result, "failed", f"{type(e).__name__}: {e}", t0)
+        point = result.get("checkpoint")
+        hint = (f"; its newest complete checkpoint is step {point['step']} ({point['file']}): continue with "
+                f"python -m qwen15_exp resume={shlex.quote(str(run_dir))}" if point else "")
+        record_unfinished(result, "failed", f"{type(e).__name__}: {e}{hint}", t0)
         raise
     result["wall_time_s"] = round(time.time() - t0, 3)
     write_json(run_dir / run_files.RESULT, result)
@@ -211,6 +214,9 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, process_start: fl
             result["compile_cache"] = {"dir": cache, "use": reuse_word(graphs_before, cached_graphs(cache))}
         if train:
             result["measured"] = training_figures(plan, launched, process_start)
+            if launched is None:          # a save cut short (a full disk, a kill) leaves a partial file: not a checkpoint
+                from qwen15_exp.weights.run_checkpoints import checkpoint_root, clean_partial
+                clean_partial(checkpoint_root(run_dir))
             result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
     if not train:
         result["measured"] = launched.figures
