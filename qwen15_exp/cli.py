@@ -39,7 +39,7 @@ def slurm_missing(argv: list[str]) -> str | None:
         return None
     missing = [tool for tool in ("sbatch", "sacct", "srun") if shutil.which(tool) is None]
     if not missing:
-        return None
+        return slurm_not_answering()
     return (f"{next(a for a in argv if a.startswith('hydra/launcher='))} sends every job to a Slurm cluster, but "
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH here; run it on a Slurm login "
             "node, or leave out the launcher override to run the sweep on this machine")
@@ -82,6 +82,21 @@ def absurd_choice(argv: list[str]) -> str | None:
             return (f"{key}=<{len(value):,} characters>: not an option of {key}; choose one of "
                     f"{', '.join(group_options(key))}")
     return None
+
+
+def slurm_not_answering() -> str | None:
+    """Slurm's commands are here but its controller does not answer (submitit would end in a
+    CalledProcessError traceback): Slurm's own reason, in a line."""
+    import subprocess
+    try:
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"the Slurm controller does not answer (scontrol ping: {e}); run the sweep where Slurm works"
+    if r.returncode == 0 and "UP" in r.stdout:
+        return None
+    reason = next((line for line in (r.stderr + r.stdout).splitlines() if line.strip()), "no answer")
+    return (f"hydra/launcher=slurm: the Slurm controller does not answer (scontrol ping: {reason.strip()}); start "
+            "slurmctld or run on a cluster's login node, or leave out the launcher override")
 
 
 def exit_on_user_error(fn: Callable[[], Any], hint: str = "") -> Any:

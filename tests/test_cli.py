@@ -118,3 +118,22 @@ def test_a_slurm_sweep_without_slurm_is_a_clear_error(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "Slurm" in r.stderr and "sbatch, sacct, srun are not on PATH" in r.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_slurm_sweep_whose_controller_does_not_answer_is_a_clear_error(tmp_path):
+    """sbatch is there but no slurmctld answers: Slurm's own reason in a line (it was a CalledProcessError)."""
+    import os
+    import sys
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("sbatch", "sacct", "srun"):
+        (tools / name).write_text("#!/bin/sh\nexit 1\n")
+    (tools / "scontrol").write_text("#!/bin/sh\necho 'Slurmctld(primary) at head is DOWN' \n"
+                                    "echo 'slurm_ping error: Unable to contact slurm controller' >&2\nexit 1\n")
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    r = run_cli(["-m", "hydra/launcher=slurm", "model=tiny", "phase.seed=1,2"], tmp_path,
+                env={"PATH": f"{tools}:{os.path.dirname(sys.executable)}:/usr/bin:/bin"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "the Slurm controller does not answer" in r.stderr and "Unable to contact slurm controller" in r.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -264,3 +264,28 @@ def test_a_run_dir_as_weights_is_its_newest_complete_checkpoint(tmp_path):
                         lambda n, s=step: np.ones(4, np.float32) if n == "w" else np.array([s], np.int64))
     assert is_run_dir(str(tmp_path)) and not is_run_dir(str(rank))
     assert checkpoint_of_run_dir(str(tmp_path)) == str(rank / "qwen2_rank_0-1_6.safetensors")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_fails_cleanly_and_names_the_previous_checkpoint(tmp_path):
+    """The output root on a 200 MB tmpfs: tiny's first checkpoint (118 MB) fits, the second does not. The run
+    ends `failed` with "No space left", one line on the terminal, the partial file removed, and the first
+    checkpoint named to resume from."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(out)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = subprocess.run([sys.executable, "-m", "qwen15_exp", "hardware=cpu", "phase.max_steps=6",
+                            "phase.checkpoint.save_steps=2"], env=cli_env(out), capture_output=True, text=True,
+                           timeout=600, cwd=tmp_path)
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "No space left" in r.stderr and "Traceback" not in r.stderr
+        run_dir = run_dir_of(out)
+        result = read_json(run_dir / "result.json")
+        assert result["status"] == "failed" and result["failure_class"] == "disk full"
+        assert result["checkpoint"]["step"] == 2 and "resume=" in result["error"]
+        assert not list(run_dir.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(out)])
