@@ -215,6 +215,18 @@ def not_ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] not in ("ok", "planned")]
 
 
+def write_k8s_index(sweep_dir: Path) -> Path | None:
+    """submit_ascendjobs.sh: `kubectl apply -f` of every job's AscendJob (launch.k8s), in job order."""
+    import shlex
+    manifests = [run_status(d).get("k8s", {}).get("manifest") for d in job_dirs(sweep_dir)]
+    manifests = [m for m in manifests if m]
+    if not manifests:
+        return None
+    lines = ["#!/usr/bin/env bash", "# Submits this sweep's AscendJobs (one per job); watch with kubectl get ascendjob",
+             "set -euo pipefail"] + [f"kubectl apply -f {shlex.quote(m)}" for m in manifests]
+    return write_text(sweep_dir / "submit_ascendjobs.sh", "\n".join(lines) + "\n", mode=0o755)
+
+
 def another_sweep(sweep_dir: Path, overrides: list[str]) -> list[str] | None:
     """The overrides of the sweep whose folder this is, when it is another sweep's (its jobs would mix into this
     one's report and exit status); None for a new folder or the same sweep run again (which continues it)."""
@@ -247,6 +259,9 @@ class SweepReport(Callback):
         FAILED_JOBS[:] = [str(sweep_dir / r["job"]) for r in not_ok(rows)]
         title = sweep_title(config)
         paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {title}", rows=rows)
+        index = write_k8s_index(sweep_dir)
+        if index:
+            print(f"Kubernetes: every job's AscendJob is submitted by bash {index}")
         if paths:
             print(f"sweep report: {paths[0]}")
             print(paths[0].read_text())

@@ -168,6 +168,11 @@ def summary_text(result: dict) -> str:
             folder = shlex.quote(str(Path(result["launch_scripts"][0]).parent))
             lines.append(f"  or on a Slurm cluster (shared storage): cd {folder} && TRAIN_DATA=<dataset dir> "
                          "sbatch slurm.sbatch")
+        k8s = result.get("k8s")
+        if k8s:
+            lines.append(f"  or on Kubernetes with MindCluster (AscendJob {k8s['job']}, the run dir on shared storage "
+                         "at the same path in every pod):")
+            lines += [f"    {cmd}" for cmd in k8s["submit"]]
         if result.get("phase") != "predict" and result.get("launch_scripts"):
             lines.append("  to continue after a stop, add RESUME=<run dir>/output/checkpoint (and SRC_STRATEGY=<its "
                          "output/strategy> if the layout changed)")

@@ -191,6 +191,11 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
         from qwen15_exp.launch.msrun import write_launch_files
         result["launch_scripts"] = [str(p) for p in write_launch_files(plan, exp)]
         result["launch_by"] = "rank_table" if exp.launch.rank_table else "msrun"
+        if exp.launch.k8s.enabled:
+            from qwen15_exp.launch.k8s import job_name, submit_lines, write_k8s_files
+            path = str(write_k8s_files(plan, exp))
+            result["k8s"] = {"manifest": path, "job": job_name(exp, run_dir), "namespace": exp.launch.k8s.namespace,
+                             "submit": submit_lines(path, exp, run_dir)}
         result["status"] = "planned"
     else:
         execute(plan, exp, yaml_path, result, request, process_start)

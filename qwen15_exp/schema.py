@@ -286,6 +286,34 @@ class SlurmOptions:
 
 
 @dataclass
+class K8sVolume:
+    """A volume every pod mounts: a node's folder (host_path) or a PersistentVolumeClaim (claim)."""
+    name: str = "outputs"
+    mount_path: str = ""                  # "" = the same path as host_path
+    host_path: str = ""
+    claim: str = ""
+
+
+@dataclass
+class K8sOptions:
+    """launch.k8s: an AscendJob (MindCluster's ascend-operator on Volcano) written into a plan."""
+    enabled: bool = False
+    image: str = ""                       # an image with MindSpore, MindFormers, CANN and this qwen15_exp
+    namespace: str = "default"
+    queue: str = "default"                # Volcano's queue
+    name: str = ""                        # "" = from experiment_name, made a DNS-1123 name
+    ring_controller: str = "ascend-910b"  # ring-controller.atlas label: Atlas A2 (910B) servers
+    npu_resource: str = "huawei.com/Ascend910"
+    port: int = 2222                      # ascendjob-port: MindSpore's scheduler port (MS_SCHED_PORT)
+    # the run dir must be the same path in every pod: by default the output root of this machine, mounted
+    # from the node at the same path (shared storage); a claim instead with `claim=<pvc>`
+    volumes: List[K8sVolume] = field(default_factory=list)
+    # what the node scripts take from the shell, set in every pod: TRAIN_DATA, LOAD_CHECKPOINT, RESUME,
+    # SRC_STRATEGY (e.g. +launch.k8s.env.TRAIN_DATA=/data/alpaca_mr)
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class LaunchConfig:
     """Where and how the run starts."""
     mode: LaunchMode = LaunchMode.auto
@@ -309,6 +337,7 @@ class LaunchConfig:
     compile_cache: bool = True            # MindSpore's graph compile cache, keyed by the graph (compile_cache.py)
     compile_cache_max_gb: float = 2.0     # this machine's shared cache folders beyond it go, least recently used first
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    k8s: K8sOptions = field(default_factory=K8sOptions)
 
 
 @dataclass

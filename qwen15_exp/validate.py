@@ -454,6 +454,10 @@ def validate(exp, layout=None, memory=None, executes: bool | None = None) -> lis
         problems += layout_problems(exp, L)
     if sane and not problems:
         problems += check_memory(exp, L, memory or estimate_memory(exp, L))
+    if exp.launch.k8s.enabled and L is not None:
+        from qwen15_exp.launch.k8s import k8s_problems
+        problems += [Problem("launch", "launch.k8s", p, "fix the launch.k8s.* keys or the layout")
+                     for p in k8s_problems(exp, L)]
     problems += check_files(exp, executes)
     problems += check_rank_table(exp, L)
     problems += check_tokenizer(exp, executes)

@@ -25,9 +25,12 @@ from qwen15_exp.lifecycle import set_parent_death_signal
 from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines, master_check_lines, node_setup_lines
 
 
+NODE_LOG_PREFIX = "msrun_log/node"
+
+
 def node_log_dir(node_rank: int) -> str:
     """Each node's msrun logs in a folder of its own, so nodes that share storage do not overwrite them."""
-    return f"msrun_log/node{int(node_rank)}"
+    return f"{NODE_LOG_PREFIX}{int(node_rank)}"
 
 
 def msrun_args(plan, exp, node_rank: int, master_addr: str, master_port: int) -> list[str]:

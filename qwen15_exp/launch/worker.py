@@ -110,7 +110,10 @@ def scheduler_elsewhere() -> bool:
     """msrun starts the cluster's scheduler (this script with MS_ROLE=MS_SCHED) on every node whose address is
     the master address: on one machine standing in for several nodes, every node. It belongs to node 0."""
     node = os.environ.get("QWEN15_EXP_NODE_RANK", "0")
-    return os.environ.get("MS_ROLE") == "MS_SCHED" and node.isdigit() and int(node) != 0
+    if os.environ.get("MS_ROLE") != "MS_SCHED":
+        return False
+    # in an AscendJob the Scheduler pod runs it (launch/k8s.py); msrun in a Worker pod must not
+    return os.environ.get("QWEN15_EXP_SCHEDULER_ELSEWHERE") == "1" or (node.isdigit() and int(node) != 0)
 
 
 def overrides_of(args) -> dict:
