@@ -55,6 +55,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def remove_orphans(path: Path) -> list[Path]:
     """Temp folders of `path` left by a writer that was killed (SIGKILL, the OOM killer: no cleanup runs); the
     writer's pid is in the name, a live writer's folder is left alone."""
+    from qwen15_exp.lifecycle import pid_alive
     removed = []
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
@@ -67,16 +68,6 @@ def remove_orphans(path: Path) -> list[Path]:
 def glob_escape(name: str) -> str:
     import glob
     return glob.escape(name)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def share(folder: Path) -> None:

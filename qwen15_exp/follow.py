@@ -7,20 +7,9 @@ msrun (pid P) ends. A resumed run's log already holds the earlier steps: the lin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def steps_in(log: Path) -> int:
@@ -30,6 +19,7 @@ def steps_in(log: Path) -> int:
 
 def main(argv=None) -> int:
     from qwen15_exp.console import Progress, StepsFollower
+    from qwen15_exp.lifecycle import pid_alive
     ap = argparse.ArgumentParser(prog="python -m qwen15_exp.follow", description=__doc__.splitlines()[0])
     ap.add_argument("steps_log")
     ap.add_argument("--total", type=int, default=None)
@@ -40,7 +30,7 @@ def main(argv=None) -> int:
     log = Path(args.steps_log)
     follower = StepsFollower(log, Progress(args.total, args.tokens_per_step, steps_in(log), args.label))
     try:
-        while alive(args.pid):
+        while pid_alive(args.pid):
             follower.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
