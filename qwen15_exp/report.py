@@ -77,7 +77,96 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per job; a job with no result (killed) or a dead `running` one says killed."""
-    return [row_of(d.name, run_status(d)) for d in job_dirs(sweep_dir)]
+    rows = [row_of(d.name, run_status(d)) for d in job_dirs(sweep_dir)]
+    for r, d in zip(rows, job_dirs(sweep_dir)):
+        r["_overrides"] = job_overrides(d)
+    names = column_names(swept_keys(rows))
+    for r in rows:                        # a column per swept key (learning_rate, seed, ...)
+        r.update({name: r["_overrides"].get(key) for key, name in names.items()})
+        r["_swept"] = list(names.values())
+    return rows
+
+
+# what a sweep compares: lower is better for losses, higher for throughput (and any score)
+LOWER_IS_BETTER = {"loss", "eval_loss", "perplexity"}
+METRICS = ("eval_loss", "loss", "perplexity", "measured")
+SEED_KEYS = ("phase.seed",)
+
+
+def job_overrides(job_dir: Path) -> dict[str, str]:
+    """key -> value of a job's own overrides (Hydra's .hydra/overrides.yaml), without hydra.* keys."""
+    import yaml
+    path = Path(job_dir) / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    for item in items:
+        key, eq, value = str(item).lstrip("+~").partition("=")
+        if eq and not key.startswith("hydra"):
+            out[key] = value
+    return out
+
+
+def swept_keys(rows: list[dict]) -> list[str]:
+    """The override keys whose values differ between the jobs: what the sweep varies."""
+    keys = sorted({k for r in rows for k in r["_overrides"]})
+    return [k for k in keys if len({r["_overrides"].get(k) for r in rows}) > 1]
+
+
+def column_names(keys: list[str]) -> dict[str, str]:
+    """phase.lr_schedule.learning_rate -> learning_rate, unless two swept keys end alike."""
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    clash = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {k: (k if short[k] in clash else short[k]) for k in keys}
+
+
+def rank_metric(rows: list[dict], asked: str = "") -> str | None:
+    if asked:
+        return asked
+    if any(r.get("eval_loss") is not None for r in rows):
+        return "eval_loss"
+    return None                           # throughput sweeps keep their ranking by measurement
+
+
+def comparison(rows: list[dict], asked: str = "") -> list[str]:
+    """The answer to what a sweep asks: one row per setting (the jobs that differ only by seed grouped, each
+    metric as mean +- spread over them), best first by the ranking metric."""
+    keys = [k for k in swept_keys(rows) if k not in SEED_KEYS]
+    metric = rank_metric(rows, asked)
+    if not keys or metric is None:
+        return []
+    names = column_names(keys)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault(tuple(r["_overrides"].get(k) for k in keys), []).append(r)
+    if metric not in METRICS and not any(r.get(metric) is not None for r in rows):
+        return ["", f"(report.rank_by={metric}: no job has that metric; choose one of {', '.join(METRICS)})"]
+
+    def stat(group, key):
+        values = [r[key] for r in group if r.get(key) is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    lower = metric in LOWER_IS_BETTER
+    ordered = sorted(groups.items(), key=lambda kv: (stat(kv[1], metric)[0] is None,
+                                                     (1 if lower else -1) * (stat(kv[1], metric)[0] or 0)))
+    shown = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    out = ["", f"Settings ranked by {metric} ({'lower' if lower else 'higher'} is better; mean +- standard deviation "
+               "over the jobs that differ only by seed):", "",
+           "| rank | " + " | ".join(names[k] for k in keys) + " | jobs | " + " | ".join(shown) + " |",
+           "|---|" + "---|" * (len(keys) + 1 + len(shown))]
+    for i, (values, group) in enumerate(ordered, 1):
+        cells = []
+        for m in shown:
+            mean, spread = stat(group, m)
+            cells.append("" if mean is None else f"{mean:.4g} +- {spread:.2g}" if len(group) > 1 else f"{mean:.4g}")
+        out.append(f"| {i} | " + " | ".join(str(v) for v in values) + f" | {','.join(r['job'] for r in group)} | "
+                   + " | ".join(cells) + " |")
+    return out
 
 
 def accuracy(rows: list[dict], key: str) -> dict | None:
@@ -111,10 +200,17 @@ def rank_resolution(rows: list[dict]) -> float:
     return max((r.get("_rank_resolution") or 0.0 for r in rows), default=0.0)
 
 
-def markdown(rows: list[dict], title: str) -> str:
-    out = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def columns_of(rows: list[dict]) -> list[str]:
+    """The report's columns: the job, then the swept keys, then the rest."""
+    swept = rows[0].get("_swept", []) if rows else []
+    return COLUMNS[:1] + swept + [c for c in COLUMNS[1:] if c not in swept]
+
+
+def markdown(rows: list[dict], title: str, rank_by: str = "") -> str:
+    columns = columns_of(rows)
+    out = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        out.append("| " + " | ".join("" if r[c] is None else str(r[c]).replace("|", "/") for c in COLUMNS) + " |")
+        out.append("| " + " | ".join("" if r.get(c) is None else str(r[c]).replace("|", "/") for c in columns) + " |")
     out.append("")
     bad = not_ok(rows)
     if bad:
@@ -129,6 +225,7 @@ def markdown(rows: list[dict], title: str) -> str:
             if acc:
                 out.append(f"- {what}, {kind} rows: n={acc['n']}, median |ratio - 1| = "
                            f"{100 * acc['median_abs_error']:.1f} %, worst = {100 * acc['worst_abs_error']:.1f} %")
+    out += comparison(rows, rank_by)
     out += ranking(rows)
     out += ["", "Estimates come from qwen15_exp/estimate (FLOPs, bytes and the hardware profile's few constants,",
             "calibrated on the Atlas 800T A2 training rows only). Predict estimates are made at the run's batch",
@@ -139,17 +236,32 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def job_label(r: dict) -> str:
+    """A job as its swept values ("2: learning_rate=0.002 seed=1"), else its model, phase and layout."""
+    swept = r.get("_swept") or []
+    if swept:
+        return f"{r['job']}: " + " ".join(f"{k}={r.get(k)}" for k in swept)
+    return f"{r['job']}: {r['model']} {r['phase']} {r['parallel']}"
+
+
+def plot(rows: list[dict], path: Path, title: str, rank_by: str = "") -> None:
+    """Throughput bars (published, estimated, measured); the loss curves of jobs that evaluated; and, for a
+    sweep over settings, the ranking metric against the first swept key (each job a point, the mean a line)."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['job']}:{r['model']} {r['phase']}\n{r['parallel']}" for r in rows]
+    labels = [job_label(r) for r in rows]
     series = [("published", "published", "#4c72b0"), ("estimated", "estimated", "#dd8452"),
               ("measured", "measured", "#55a868")]
     curves = any(r["_eval_curve"] for r in rows)
-    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(max(6, 0.9 * len(rows) + 2) + (6 if curves else 0), 4.5),
-                             squeeze=False)
+    keys = [k for k in (rows[0].get("_swept") or []) if k != "seed"]
+    metric = rank_metric(rows, rank_by)
+    versus = bool(keys) and metric is not None and any(r.get(metric) is not None for r in rows)
+    panels = 1 + curves + versus
+    fig, axes = plt.subplots(1, panels, figsize=(max(6, 0.9 * len(rows) + 2) + 6 * (panels - 1), 5), squeeze=False)
     ax = axes[0][0]
     width = 0.27
     for i, (key, name, color) in enumerate(series):
@@ -161,38 +273,65 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (per device for training)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("throughput", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    panel = 1
     if curves:                             # training and eval loss of every job that evaluated
-        lc = axes[0][1]
-        for r in rows:
+        lc = axes[0][panel]
+        panel += 1
+        for r, label in zip(rows, labels):
             if r["_eval_curve"]:
-                line = lc.plot(*zip(*r["_loss_curve"]), lw=1, label=f"{r['job']} train") if r["_loss_curve"] else None
+                line = lc.plot(*zip(*r["_loss_curve"]), lw=1, label=f"{label} (train)") if r["_loss_curve"] else None
                 color = line[0].get_color() if line else None
-                lc.plot(*zip(*r["_eval_curve"]), "o--", color=color, label=f"{r['job']} eval")
+                lc.plot(*zip(*r["_eval_curve"]), "o--", color=color, label=f"{label} (eval)")
         lc.set_xlabel("step")
         lc.set_ylabel("loss")
         lc.set_title("loss (eval: phase.eval)", fontsize=10)
         lc.legend(fontsize=7)
+    if versus:                             # the metric against the swept setting
+        vc, key = axes[0][panel], keys[0]
+        values = sorted({str(r.get(key)) for r in rows}, key=lambda v: (_as_number(v) is None, _as_number(v) or 0, v))
+        for r in rows:
+            if r.get(metric) is not None:
+                vc.plot(values.index(str(r.get(key))), r[metric], "o", alpha=0.6,
+                        label=job_label(r))
+        means = [statistics.fmean([r[metric] for r in rows if str(r.get(key)) == v and r.get(metric) is not None]
+                                  or [float("nan")]) for v in values]
+        vc.plot(range(len(values)), means, "k-", lw=1, label="mean over seeds")
+        vc.set_xticks(range(len(values)))
+        vc.set_xticklabels([f"{key}={v}" for v in values], fontsize=8)
+        vc.set_ylabel(metric)
+        vc.set_title(f"{metric} by {key}", fontsize=10)
+        vc.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
-def write_report(sweep_dir: Path, title: str | None = None, rows: list[dict] | None = None) -> list[Path]:
+def _as_number(text: str):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def write_report(sweep_dir: Path, title: str | None = None, rows: list[dict] | None = None,
+                 rank_by: str = "") -> list[Path]:
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir) if rows is None else rows
     if not rows:
         return []
     title = title or f"qwen15_exp sweep {sweep_dir}"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns_of(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    paths = [write_text(sweep_dir / "sweep_report.md", markdown(rows, title)),
+    paths = [write_text(sweep_dir / "sweep_report.md", markdown(rows, title, rank_by)),
              write_text(sweep_dir / "sweep_report.csv", buf.getvalue())]
-    plot(rows, sweep_dir / "sweep_report.png", title)
+    plot(rows, sweep_dir / "sweep_report.png", title, rank_by)
     return paths + [sweep_dir / "sweep_report.png"]
 
 
@@ -258,7 +397,8 @@ class SweepReport(Callback):
         rows = collect(sweep_dir)
         FAILED_JOBS[:] = [str(sweep_dir / r["job"]) for r in not_ok(rows)]
         title = sweep_title(config)
-        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {title}", rows=rows)
+        rank_by = str(config.get("report", {}).get("rank_by") or "")
+        paths = write_report(sweep_dir, title=f"qwen15_exp sweep: {title}", rows=rows, rank_by=rank_by)
         index = write_k8s_index(sweep_dir)
         if index:
             print(f"Kubernetes: every job's AscendJob is submitted by bash {index}")

@@ -286,6 +286,12 @@ class SlurmOptions:
 
 
 @dataclass
+class ReportOptions:
+    """The sweep report: the metric that ranks its jobs ("" = eval_loss where jobs evaluated, else throughput)."""
+    rank_by: str = ""
+
+
+@dataclass
 class K8sVolume:
     """A volume every pod mounts: a node's folder (host_path) or a PersistentVolumeClaim (claim)."""
     name: str = "outputs"
@@ -380,6 +386,7 @@ class Experiment:
     chat: ChatOptions = field(default_factory=ChatOptions)
     tune: TuneOptions = field(default_factory=TuneOptions)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportOptions = field(default_factory=lambda: ReportOptions())
     experiment_name: str = "default"
     verbose: bool = False                 # MindFormers' and MindSpore's own console output (qwen15_exp/console.py)
     resume: str = ""                      # a run dir to continue from its last complete checkpoint
