@@ -32,19 +32,32 @@ def user_conf_dir() -> Path:
 
 
 def unwritable(folder: Path) -> str | None:
-    """Why files cannot be written in `folder` (created if missing), or None. Asked before a run starts: a
-    read-only or full file system is the machine's fault, said in one line, not a traceback half way."""
+    """Why files cannot be written in `folder`, or None. Asked before a run starts: a read-only or full file
+    system is the machine's fault, said in one line, not a traceback half way. Nothing is created: an
+    existing folder gets a probe file (removed), a missing one is judged by its nearest existing parent."""
     import errno
     import os
     import tempfile
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != folder:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{existing}: {os.strerror(errno.EROFS) if is_read_only(existing) else 'not writable'}"
+        return None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".qwen15_exp_probe.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        if e.errno in (errno.ENAMETOOLONG, errno.EINVAL):
-            return f"{folder}: {e.strerror}"
         return f"{e.filename or folder}: {e.strerror or e}"
     return None
+
+
+def is_read_only(path: Path) -> bool:
+    import os
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

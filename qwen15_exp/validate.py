@@ -101,7 +101,7 @@ def check_rates(exp) -> list[Problem]:
                                                                           for b in opt.betas),
          "two numbers in [0, 1), e.g. [0.9, 0.95]"),
         ("phase.loss_scale.value", ls.value, finite_in(ls.value, 0, lo_open=True), "a positive number, e.g. 4096"),
-        ("phase.loss_scale.factor", ls.factor, finite_in(ls.factor, 1, lo_open=True), "a number above 1, e.g. 2"),
+        ("phase.loss_scale.factor", ls.factor, finite_in(ls.factor, 1), "a number of at least 1, e.g. 2"),
         ("phase.loss_scale.window", ls.window, finite_in(ls.window, 1), "a positive number of steps, e.g. 1000"),
         ("phase.generation.top_p", g.top_p, finite_in(g.top_p, 0, 1, lo_open=True), "in (0, 1], e.g. 0.8"),
         ("phase.generation.top_k", g.top_k, finite_in(g.top_k, 0), "0 (off) or a positive number"),

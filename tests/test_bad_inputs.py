@@ -172,6 +172,7 @@ def test_rank_table_merge_of_a_missing_or_broken_file_is_explained(tmp_path):
     ("phase.optimizer.weight_decay=-1", "phase.optimizer.weight_decay"),
     ("phase.optimizer.betas=[0.9,1.5]", "phase.optimizer.betas"),
     ("phase.loss_scale.factor=inf", "phase.loss_scale.factor"),
+    ("phase.loss_scale.factor=0.5", "phase.loss_scale.factor"),
     ("phase.generation.top_p=0", "phase.generation.top_p"),
     ("launch.master_addr='a b;c'", "launch.master_addr"),
     ("launch.slurm.partition='gpu; rm -rf /'", "launch.slurm.partition"),

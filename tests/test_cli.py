@@ -67,7 +67,7 @@ def test_multirun_of_plans_gives_one_result_per_job(tmp_path):
     assert report.startswith("# qwen15_exp sweep: model=0_5b,1_8b,4b hardware=atlas_800t_a2 parallel=dp4 "
                              "parallel.model_parallel=2")
     assert (sweep / "sweep_report.png").stat().st_size > 1000
-    assert (sweep / "sweep_report.csv").read_text().splitlines()[0].startswith("job,experiment,model")
+    assert (sweep / "sweep_report.csv").read_text().splitlines()[0].startswith("job,model,experiment")  # swept first
 
 
 def test_published_table_sweep_reports_estimate_against_published(tmp_path):
