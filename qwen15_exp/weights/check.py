@@ -77,8 +77,8 @@ def check_hf_config(folder: Path, model) -> None:
     for key, field in HF_CONFIG_KEYS + (("num_key_value_heads", None),):
         value = config.get(key)
         want = (model.n_kv_heads or model.num_heads) if field is None else getattr(model, field)
-        if value is None and field is None:
-            continue                       # optional: defaults to num_attention_heads
+        if value is None:
+            continue                       # not stated (num_key_value_heads defaults to the heads): the tensors say
         if not isinstance(value, int) or isinstance(value, bool):
             raise UserError(f"{folder}/config.json: {key} is {value!r}, not a whole number; the file is damaged")
         if value != want:
