@@ -52,7 +52,7 @@ def test_every_kept_layout_passes_validate_and_fits():
     assert result.kept and result.searched == len(result.kept) + sum(result.rejected.values())
     for s in result.kept:
         run = search.apply(exp, s.candidate)
-        assert validate(run) == [], tune.describe(s.candidate)
+        assert validate(run) == [], search.describe(s.candidate)
         assert estimate_memory(run).fits and layout_of(run).global_batch == 32 and layout_of(run).devices == 16
     speeds = [s.tokens_per_s for s in result.kept]
     assert speeds == sorted(speeds, reverse=True)

@@ -156,7 +156,7 @@ def pod_script(plan, exp) -> str:
     """launch_k8s.sh: what each pod runs, by the role the operator gave it."""
     from qwen15_exp.launch.msrun import NODE_LOG_PREFIX
     from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines, node_setup_lines
-    q, L = shlex.quote, plan.layout
+    L = plan.layout
     bind = " --bind_core=True" if exp.launch.bind_core and exp.hardware.device_target == "Ascend" else ""
     lines = [
         "#!/usr/bin/env bash",

@@ -59,6 +59,19 @@ def not_weights_folder(path: Path) -> UserError:
                      "folder of rank_* folders or the dir of an earlier run")
 
 
+def read_json_file(path: Path, what: str) -> dict:
+    """A JSON object from a file people hand us, or a UserError naming it (damaged, nested beyond reason, or not
+    an object)."""
+    import json
+    try:
+        value = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a {what} (a JSON object is expected, found {type(value).__name__})")
+    return value
+
+
 # config.json keys of a Qwen2ForCausalLM and the ModelConfig fields they must equal
 HF_CONFIG_KEYS = (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
                   ("num_attention_heads", "num_heads"), ("intermediate_size", "intermediate_size"),
@@ -68,7 +81,6 @@ HF_CONFIG_KEYS = (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_lay
 def check_hf_config(folder: Path, model) -> None:
     """A Hugging Face folder's config.json read and held against the chosen model: a Qwen2 model of the same
     shape (its tensors are checked next). A config that is damaged or names another model is a UserError."""
-    from qwen15_exp.weights.peft import read_json_file
     config = read_json_file(folder / "config.json", "Hugging Face config.json")
     if config.get("model_type") not in (None, "qwen2"):
         raise UserError(f"{folder}/config.json says model_type={config.get('model_type')!r}: Qwen1.5 weights are "

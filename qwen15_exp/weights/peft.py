@@ -7,7 +7,6 @@ same table as the full weights).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -68,19 +67,8 @@ def export_peft(adapters: Adapters, out_dir: Path, base_model: str = "", dropout
     return [out_dir / CONFIG, out_dir / WEIGHTS]
 
 
-def read_json_file(path: Path, what: str) -> dict:
-    """A JSON object from a file people hand us, or a UserError naming it (damaged, nested beyond reason, or not
-    an object)."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a {what} (a JSON object is expected, found {type(value).__name__})")
-    return value
-
-
 def read_peft(folder: Path) -> Adapters:
+    from qwen15_exp.weights.check import read_json_file
     config = read_json_file(folder / CONFIG, "PEFT adapter_config.json")
     unsupported = {k: config.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out") if config.get(k)}
     if config.get("peft_type") != "LORA" or unsupported or config.get("bias", "none") != "none":
