@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m qwen15_exp $(ARGS)
 
-# The whole suite, as CI runs it (real CPU training, msrun, a Slurm cluster, MLflow): ~12 min on 2 cores.
+# The whole suite, as CI runs it (real CPU training, msrun, a Slurm cluster, MLflow): ~25 min on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-# Everything that starts no MindSpore process (compose, validate, plan, estimates, scripts, data): ~2 min.
+# Everything that starts no MindSpore process (compose, validate, plan, estimates, scripts, data): ~3 min.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 

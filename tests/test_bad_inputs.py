@@ -171,17 +171,22 @@ def test_rank_table_merge_of_a_missing_or_broken_file_is_explained(tmp_path):
     ("phase.lr_schedule.warmup_ratio=1.5", "phase.lr_schedule.warmup_ratio"),
     ("phase.optimizer.weight_decay=-1", "phase.optimizer.weight_decay"),
     ("phase.optimizer.betas=[0.9,1.5]", "phase.optimizer.betas"),
-    ("phase.loss_scale.factor=inf", "phase.loss_scale.factor"),
-    ("phase.loss_scale.factor=0.5", "phase.loss_scale.factor"),
+    ("phase.loss_scale.factor=0", "phase.loss_scale.factor"),
+    ("phase.loss_scale.value=-1", "phase.loss_scale.value"),
     ("phase.generation.top_p=0", "phase.generation.top_p"),
     ("launch.master_addr='a b;c'", "launch.master_addr"),
     ("launch.slurm.partition='gpu; rm -rf /'", "launch.slurm.partition"),
 ])
-def test_values_that_cannot_be_right_are_refused(tmp_path, override, key):
+def test_values_that_cannot_be_right_are_refused(override, key):
     """A negative or NaN learning rate trained (loss up, exit 0); a host that is no host, a partition that is no
-    name were taken: each is refused before anything runs."""
-    r = run_cli(["hardware=cpu", override], tmp_path)
-    assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
+    name were taken: each is a problem of validate() (the CLI's exit 2: below)."""
+    from qwen15_exp.validate import validate
+    assert key in [p.key for p in validate(make_experiment(["hardware=cpu", override]))]
+
+
+def test_a_nan_learning_rate_is_refused_by_the_command(tmp_path):
+    r = run_cli(["hardware=cpu", "phase.lr_schedule.learning_rate=nan"], tmp_path)
+    assert r.returncode == 2 and "phase.lr_schedule.learning_rate: is nan" in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.rglob("mindformers.yaml"))
 
 
@@ -218,15 +223,16 @@ def test_weights_folders_that_lie_are_refused(tmp_path):
     """A folder with only a damaged model.safetensors, one with only a malformed config.json, and Hugging Face
     folders whose config.json contradicts the model (a word for a number, another model_type, another depth):
     exit 2 naming the file, before anything is built."""
-    from helpers import random_hf_qwen2
     only_tensors, only_config = tmp_path / "only_tensors", tmp_path / "only_config"
     only_tensors.mkdir()
     (only_tensors / "model.safetensors").write_bytes(os.urandom(1000))
     only_config.mkdir()
     (only_config / "config.json").write_text('{"hidden_size": ')
-    hf = tmp_path / "hf"
-    random_hf_qwen2(hf, ["model=tiny"])
-    good = json.loads((hf / "config.json").read_text())
+    hf = hf_folder(tmp_path / "hf")
+    tiny = make_experiment(["model=tiny"]).model
+    good = {"model_type": "qwen2", "hidden_size": tiny.hidden_size, "num_hidden_layers": tiny.num_layers,
+            "num_attention_heads": tiny.num_heads, "intermediate_size": tiny.intermediate_size,
+            "vocab_size": tiny.vocab_size}
     cases = [(only_tensors, "no config.json"), (only_config, "no *.safetensors")]
     for name, change, needle in (("word", {"hidden_size": "sixty-four"}, "hidden_size is 'sixty-four'"),
                                  ("llama", {"model_type": "llama"}, "model_type='llama'"),
@@ -236,9 +242,15 @@ def test_weights_folders_that_lie_are_refused(tmp_path):
         (folder / "model.safetensors").symlink_to(hf / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({**good, **change}))
         cases.append((folder, needle))
+    from qwen15_exp.errors import UserError
+    from qwen15_exp.weights.check import check_fits
+    model = make_experiment(["model=tiny"]).model
     for folder, needle in cases:
-        r = run_cli(["hardware=cpu", "launch.mode=plan", f"phase.load_checkpoint={folder}"], tmp_path / "runs")
-        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (folder, r.stderr[-500:])
+        with pytest.raises(UserError) as caught:
+            check_fits(str(folder), model)
+        assert needle in str(caught.value), (folder, str(caught.value))
+    r = run_cli(["hardware=cpu", "launch.mode=plan", f"phase.load_checkpoint={only_tensors}"], tmp_path / "runs")
+    assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_peft_folders_that_lie_are_refused(tmp_path):
