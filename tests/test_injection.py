@@ -65,7 +65,7 @@ def run_script(script: Path, bin_dir: Path, out: Path) -> tuple[list[str], dict]
     return [a.decode() for a in argv], {k.decode(): v.decode() for k, v in pairs}
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_hostile_strings_never_execute_and_arrive_byte_exact(tmp_path_factory, fake_msrun, data):
     work = tmp_path_factory.mktemp("inj")

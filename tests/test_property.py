@@ -41,7 +41,7 @@ override = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=st.sampled_from(MODELS), phase=st.sampled_from(PHASES), parallel=st.sampled_from(PARALLEL),
        hardware=st.sampled_from(HARDWARE), overrides=st.lists(override, max_size=5))
 def test_compose_validate_plan_never_crashes(model, phase, parallel, hardware, overrides):
