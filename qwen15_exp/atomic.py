@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -57,17 +58,12 @@ def remove_orphans(path: Path) -> list[Path]:
     writer's pid is in the name, a live writer's folder is left alone."""
     from qwen15_exp.lifecycle import pid_alive
     removed = []
-    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    import glob
-    return glob.escape(name)
 
 
 def share(folder: Path) -> None:

@@ -53,10 +53,10 @@ def collect(run_dir: Path, exit_code: int, started_unix: float | None) -> dict:
     if wall is not None:
         result["wall_time_s"] = round(wall, 3)
     if int(plan.get("tokens_per_step") or 0) and seen:       # a training run
-        from qwen15_exp.run import checkpoint_info
-        point = checkpoint_info(run_dir, devices)
+        from qwen15_exp.weights.run_checkpoints import latest_complete
+        point = latest_complete(run_dir, devices)       # as run.checkpoint_info, without run.py's imports
         if point:
-            result["checkpoint"] = point
+            result["checkpoint"] = {"step": point.step, "file": point.files[0]}
     return result
 
 

@@ -71,17 +71,15 @@ def k8s_problems(exp, layout) -> list[str]:
 
 
 def volumes_of(exp, run_dir: Path) -> list:
-    """The pods' volumes: the user's, else the output root mounted from the node at the same path (so the run
-    dir is the same path everywhere), plus the Ascend driver and a memory-backed /dev/shm, as the samples do."""
+    """The user's volumes, else the output root (or the run dir's parent) mounted from the node at the same path,
+    so the run dir is the same path in every pod (volume_specs adds the driver and /dev/shm)."""
     from qwen15_exp.schema import K8sVolume
-    given = list(exp.launch.k8s.volumes)
-    if not given:
-        root = str(run_dir.parent)
-        from qwen15_exp.paths import output_root
-        out = str(output_root())
-        root = out if str(run_dir).startswith(out + "/") else root
-        given = [K8sVolume(name="outputs", host_path=root)]
-    return given
+    if exp.launch.k8s.volumes:
+        return list(exp.launch.k8s.volumes)
+    from qwen15_exp.paths import output_root
+    root = str(output_root())
+    shared = root if str(run_dir).startswith(root + "/") else str(run_dir.parent)
+    return [K8sVolume(name="outputs", host_path=shared)]
 
 
 def volume_specs(volumes: list) -> tuple[list, list]:
