@@ -170,8 +170,9 @@ def summary_text(result: dict) -> str:
                          "sbatch slurm.sbatch")
         k8s = result.get("k8s")
         if k8s:
-            lines.append(f"  or on Kubernetes with MindCluster (AscendJob {k8s['job']}, the run dir on shared storage "
-                         "at the same path in every pod):")
+            table = ", the operator's HCCL rank table" if k8s.get("networking") == "rank_table" else ""
+            lines.append(f"  or on Kubernetes with MindCluster (AscendJob {k8s['job']}{table}, the run dir on shared "
+                         "storage at the same path in every pod):")
             lines += [f"    {cmd}" for cmd in k8s["submit"]]
         if result.get("phase") != "predict" and result.get("launch_scripts"):
             lines.append("  to continue after a stop, add RESUME=<run dir>/output/checkpoint (and SRC_STRATEGY=<its "

@@ -195,6 +195,7 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
             from qwen15_exp.launch.k8s import job_name, submit_lines, write_k8s_files
             path = str(write_k8s_files(plan, exp))
             result["k8s"] = {"manifest": path, "job": job_name(exp, run_dir), "namespace": exp.launch.k8s.namespace,
+                             "networking": "rank_table" if exp.launch.k8s.rank_table else "msrun",
                              "submit": submit_lines(path, exp, run_dir)}
         result["status"] = "planned"
     else:

@@ -311,6 +311,9 @@ class K8sOptions:
     ring_controller: str = "ascend-910b"  # ring-controller.atlas label: Atlas A2 (910B) servers
     npu_resource: str = "huawei.com/Ascend910"
     port: int = 2222                      # ascendjob-port: MindSpore's scheduler port (MS_SCHED_PORT)
+    # HCCL rank table instead of msrun's dynamic networking: the operator writes hccl.json into the
+    # ConfigMap rings-config-<job> (written with the job) and each Worker pod starts one process per NPU
+    rank_table: bool = False
     # the run dir must be the same path in every pod: by default the output root of this machine, mounted
     # from the node at the same path (shared storage); a claim instead with `claim=<pvc>`
     volumes: List[K8sVolume] = field(default_factory=list)

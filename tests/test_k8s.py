@@ -64,7 +64,7 @@ def test_names_become_dns_1123_and_hostile_values_cannot_change_the_structure(tm
     exp.launch.k8s.env = {"TRAIN_DATA": "/data/$(touch PWNED)\n- z: 1"}
     text = Path(plan.run_dir) / "ascendjob.yaml"
     from qwen15_exp.launch.k8s import dump
-    again = yaml.safe_load(dump(manifest(plan, exp)))
+    again = yaml.safe_load(dump([manifest(plan, exp)]))
     assert again == manifest(plan, exp)                                 # parsed back: the same data
     assert again["metadata"]["annotations"]["qwen15-exp/experiment"] == hostile
     assert again["spec"]["runPolicy"]["schedulingPolicy"]["queue"] == "q: {x}\n- y"
@@ -149,3 +149,88 @@ def test_the_pods_started_as_the_operator_starts_them_train_as_dp2_does(tmp_path
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
     left = [p for p in psutil.process_iter(["environ"]) if (p.info["environ"] or {}).get("MS_SCHED_PORT") == str(port)]
     assert not left, f"left running: {[p.pid for p in left]}"
+
+
+FAKE_WORKER = """#!/usr/bin/env bash
+# the image's python: modules run for real; `python worker.py` records what the worker would see
+if [ "$1" = -m ]; then exec "$REAL_PYTHON" "$@"; fi
+"$REAL_PYTHON" -c 'import json, os
+e = os.environ
+json.dump({k: e.get(k) for k in ("RANK_ID", "DEVICE_ID", "RANK_SIZE", "RANK_TABLE_FILE", "MS_ROLE", "MS_SCHED_HOST",
+           "QWEN15_EXP_SERVER_ID")}, open(os.path.join(e["SEEN"], "rank_" + e["RANK_ID"] + ".json"), "w"))'
+"""
+
+
+def operator_table(pod_ips: list[str], per_pod: int, status: str = "completed") -> dict:
+    """hccl.json as the ascend-operator writes it (pkg/ranktable/common: Server, Device; rank_id = pod rank index
+    x devices + index; physical device ids as the device plugin gave them)."""
+    return {"status": status, "version": "1.0", "server_count": str(len(pod_ips)), "server_list": [
+        {"device": [{"device_id": str(4 + d), "device_ip": f"192.168.{d}.{i + 1}", "rank_id": str(i * per_pod + d)}
+                    for d in range(per_pod)],
+         "server_id": f"10.0.0.{i + 1}", "host_ip": f"10.0.0.{i + 1}", "container_ip": ip}
+        for i, ip in enumerate(pod_ips)]}
+
+
+def test_a_rank_table_job_mounts_the_operators_table_and_starts_a_worker_per_npu(tmp_path):
+    import threading
+    import time
+    exp = make_experiment(["model=7b", "parallel=dp4mp4", "hardware=atlas_800t_a2", *K8S,
+                           "launch.k8s.rank_table=true"])
+    plan = make_plan(exp, tmp_path / "run")
+    docs = list(yaml.safe_load_all(write_k8s_files(plan, exp).read_text()))
+    cm, job = docs
+    name = job["metadata"]["name"]
+    check_against_the_schemas(job)
+    import kubernetes_validate
+    kubernetes_validate.validate(cm, K8S_VERSION, strict=True)
+    assert cm["metadata"]["name"] == f"rings-config-{name}" and json.loads(cm["data"]["hccl.json"]) == {
+        "status": "initializing"}
+    worker = job["spec"]["replicaSpecs"]["Worker"]["template"]["spec"]
+    assert {"name": "ranktable", "configMap": {"name": f"rings-config-{name}"}} in worker["volumes"]
+    assert {"name": "ranktable", "mountPath": "/user/serverid/devindex/config"} in worker["containers"][0]["volumeMounts"]
+
+    # pod 1 of 2 as the operator starts it; its table is "initializing" until the operator completes it
+    seen, table = tmp_path / "seen", tmp_path / "hccl.json"
+    seen.mkdir()
+    table.write_text(json.dumps({"status": "initializing"}))
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_WORKER)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "SEEN": str(seen),
+           "RANK_TABLE_FILE": str(table), "POD_IP": "172.16.0.9",
+           **operator_env("MS_WORKER", 1, 2222, workers=2, per_pod=8)}
+    script = Path(plan.run_dir) / "launch_k8s.sh"
+    complete = threading.Timer(3, lambda: table.write_text(json.dumps(operator_table(["172.16.0.8", "172.16.0.9"], 8))))
+    complete.start()
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.monotonic() - t0 >= 3                                  # it waited for "completed"
+    ranks = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in seen.glob("rank_*.json")}
+    assert sorted(ranks) == list(range(8, 16))                         # the second pod's ranks
+    assert [ranks[r]["DEVICE_ID"] for r in range(8, 16)] == [str(d) for d in range(8)]   # as the container sees them
+    assert {(w["RANK_SIZE"], w["RANK_TABLE_FILE"], w["MS_ROLE"], w["MS_SCHED_HOST"], w["QWEN15_EXP_SERVER_ID"])
+            for w in ranks.values()} == {("16", str(table), None, None, "172.16.0.9")}
+
+    # the Scheduler pod has nothing to do; a table that disagrees with the plan, or never completes: exit 2
+    r = subprocess.run(["bash", str(script)], env={**env, **operator_env("MS_SCHED", 0, 2222, 2, 8)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+    table.write_text(json.dumps(operator_table(["172.16.0.8", "172.16.0.9"], 4)))
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "disagrees with the plan" in r.stderr and "4 devices, the layout 8" in r.stderr
+    table.write_text(json.dumps({"status": "initializing"}))
+    r = subprocess.run([sys.executable, "-m", "qwen15_exp.launch.rank_table", "--pod_table", str(table),
+                        "--pod_ip", "172.16.0.9", "--nodes", "2", "--devices_per_node", "8", "--wait", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "still 'initializing' after 1 s" in r.stderr and "rings-config-" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_rank_table_job_is_said_in_the_summary_and_refused_where_hccl_cannot_run(tmp_path):
+    r = run_cli(["model=7b", "parallel=dp4mp4", "hardware=atlas_800t_a2", *K8S, "launch.k8s.rank_table=true"],
+                tmp_path / "a")
+    assert r.returncode == 0 and "the operator's HCCL rank table" in r.stdout, r.stderr[-2000:]
+    assert read_json(only_run_dir(tmp_path / "a") / "result.json")["k8s"]["networking"] == "rank_table"
+    r = run_cli(["hardware=cpu", "parallel=dp2", "launch.mode=plan", *K8S, "launch.k8s.rank_table=true"], tmp_path / "b")
+    assert r.returncode == 2 and "HCCL rank tables are for Ascend NPUs" in r.stderr

@@ -7,6 +7,13 @@ pkg/controllers/v1/env.go, setMindSporeEnv): MS_ROLE (MS_SCHED / MS_WORKER), MS_
 address), MS_SCHED_PORT (the `ascendjob-port`), MS_NODE_RANK (the pod's index among its replica type),
 MS_LOCAL_WORKER (NPUs requested per Worker pod), MS_WORKER_NUM (that x Worker replicas), MS_SERVER_NUM=0.
 
+With launch.k8s.rank_table the job uses an HCCL rank table instead: the manifest also holds the ConfigMap
+`rings-config-<job>` ({"status": "initializing"}), which the operator fills with hccl.json once every Worker
+pod has its NPUs (ascend-operator pkg/controllers/v1/pod.go, writeRanktableToCm); the Worker pods mount it at
+/user/serverid/devindex/config as the samples do, wait for "completed", and start one worker per NPU with
+RANK_TABLE_FILE / RANK_ID / DEVICE_ID / RANK_SIZE, as the rank-table node scripts do. The Scheduler replica,
+which the operator requires of a MindSpore job of more than one NPU, then has nothing to do and exits 0.
+
 The manifest is data: built as dicts and written by a YAML dumper, so no name or value can change its
 structure. The container runs `bash <run dir>/launch_k8s.sh`, written like the node scripts (every value
 shell-quoted): the Scheduler pod starts MindSpore's scheduler (worker.py with MS_ROLE=MS_SCHED, as msrun
@@ -23,6 +30,9 @@ from qwen15_exp.errors import UserError
 API_VERSION, KIND = "mindxdl.gitee.com/v1", "AscendJob"
 CONTAINER, PORT_NAME = "ascend", "ascendjob-port"     # names the operator looks for: "do not modify"
 SCRIPT, MANIFEST = "launch_k8s.sh", "ascendjob.yaml"
+# the rank table's ConfigMap (prefix fixed by the operator), key, and where the samples mount it
+TABLE_CONFIGMAP_PREFIX, TABLE_KEY, TABLE_DIR = "rings-config-", "hccl.json", "/user/serverid/devindex/config"
+TABLE_VOLUME = "ranktable"                             # the name the operator looks for (hasRankTableVolume)
 MAX_NAME = 63                                          # a label value and DNS-1123 label: the pods' names derive
 
 
@@ -60,8 +70,11 @@ def k8s_problems(exp, layout) -> list[str]:
     if bad:
         out.append(f"launch.k8s.env names {bad} are not environment variable names")
     if exp.launch.rank_table:
-        out.append("launch.rank_table with launch.k8s: the operator writes the rank table itself "
-                   "(rings-config ConfigMap); leave launch.rank_table empty")
+        out.append("launch.rank_table with launch.k8s: the operator writes the job's rank table itself; "
+                   "leave launch.rank_table empty and set launch.k8s.rank_table=true")
+    if k.rank_table and hw.device_target != "Ascend":
+        out.append(f"launch.k8s.rank_table with hardware={hw.name}: HCCL rank tables are for Ascend NPUs; "
+                   "leave it false (msrun's dynamic networking)")
     for v in k.volumes:
         if bool(v.host_path) == bool(v.claim):
             out.append(f"launch.k8s.volumes {v.name!r}: give host_path or claim (one of them)")
@@ -93,9 +106,21 @@ def volume_specs(volumes: list) -> tuple[list, list]:
     return mounts, specs
 
 
+def table_configmap(exp, name: str) -> dict:
+    """The ConfigMap the operator fills with the job's hccl.json (as the samples write it)."""
+    k = exp.launch.k8s
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": TABLE_CONFIGMAP_PREFIX + name, "namespace": k.namespace,
+                         "labels": {"ring-controller.atlas": k.ring_controller}},
+            "data": {TABLE_KEY: '{\n    "status": "initializing"\n}\n'}}
+
+
 def pod_template(exp, run_dir: Path, role: str, npus: int, name: str) -> dict:
     k = exp.launch.k8s
     mounts, specs = volume_specs(volumes_of(exp, run_dir))
+    if k.rank_table and role == "Worker":
+        mounts.append({"name": TABLE_VOLUME, "mountPath": TABLE_DIR})
+        specs.append({"name": TABLE_VOLUME, "configMap": {"name": TABLE_CONFIGMAP_PREFIX + name}})
     container = {
         "name": CONTAINER, "image": k.image, "imagePullPolicy": "IfNotPresent",
         "command": ["/bin/bash", "-c"],
@@ -110,6 +135,8 @@ def pod_template(exp, run_dir: Path, role: str, npus: int, name: str) -> dict:
         # the NPUs Volcano gave this pod, for ascend-docker-runtime (the samples' whole-card scheduling)
         env.append({"name": "ASCEND_VISIBLE_DEVICES", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{k.npu_resource}']"}}})
+    if k.rank_table and role == "Worker":      # the pod finds its server in the table by its address
+        env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     if env:
         container["env"] = env
     spec = {"automountServiceAccountToken": False, "containers": [container], "volumes": specs}
@@ -145,9 +172,16 @@ def manifest(plan, exp) -> dict:
     }
 
 
-def dump(obj: dict) -> str:
+def documents(plan, exp) -> list[dict]:
+    """What ascendjob.yaml holds: the rank table's ConfigMap first (it must exist when the pods mount it), then
+    the AscendJob."""
+    job = manifest(plan, exp)
+    return ([table_configmap(exp, job["metadata"]["name"])] if exp.launch.k8s.rank_table else []) + [job]
+
+
+def dump(docs: list[dict]) -> str:
     import yaml
-    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120)
+    return yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True, width=120)
 
 
 def pod_script(plan, exp) -> str:
@@ -164,6 +198,8 @@ def pod_script(plan, exp) -> str:
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
     ]
+    if exp.launch.k8s.rank_table:
+        return "\n".join(lines + rank_table_lines(plan, exp)) + "\n"
     lines += export_lines(plan, exp, QWEN15_EXP_NODE_RANK="0")
     lines += node_setup_lines(plan, exp)
     lines += [
@@ -188,6 +224,39 @@ def pod_script(plan, exp) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rank_table_lines(plan, exp) -> list[str]:
+    """A Worker pod of a rank-table job: wait for the operator's table, then a worker per NPU with its
+    RANK_ID / DEVICE_ID (the rank-table node script's supervision: the first failure stops the others)."""
+    from qwen15_exp.launch.rank_table import supervise_lines
+    from qwen15_exp.launch.script import WORKER_OPTIONS, export_lines, node_setup_lines
+    L = plan.layout
+    lines = export_lines(plan, exp) + node_setup_lines(plan, exp)
+    lines += [
+        ': "${MS_ROLE:?not started by the ascend-operator (MS_ROLE is unset)}"',
+        'if [ "$MS_ROLE" = MS_SCHED ]; then echo "a rank-table job: HCCL needs no scheduler, this pod has nothing '
+        'to do"; exit 0; fi',
+        # MindSpore would take these for msrun's dynamic networking instead of the rank table
+        "unset MS_ROLE MS_SCHED_HOST MS_SCHED_PORT MS_NODE_RANK MS_LOCAL_WORKER MS_WORKER_NUM MS_SERVER_NUM",
+        f"MOUNTED_RANK_TABLE={shlex.quote(TABLE_DIR + '/' + TABLE_KEY)}",
+        'export RANK_TABLE_FILE="${RANK_TABLE_FILE:-$MOUNTED_RANK_TABLE}"',
+        f"export RANK_SIZE={int(L.devices)}",
+        'PYTHON="${PYTHON:-python}"',
+        f'devices="$("$PYTHON" -m qwen15_exp.launch.rank_table --pod_table "$RANK_TABLE_FILE" --pod_ip "$POD_IP" '
+        f'--nodes {int(L.nodes)} --devices_per_node {int(L.devices_here)} '
+        f'--wait {int(exp.launch.cluster_time_out)})" || exit $?',
+        'export QWEN15_EXP_SERVER_ID="$POD_IP"',
+        "mkdir -p rank_log", "pids=()", "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null' INT TERM",
+        'while read -r rank device; do',
+        f'  RANK_ID="$rank" DEVICE_ID="$device" "$PYTHON" worker.py --config mindformers.yaml {WORKER_OPTIONS} '
+        '> "rank_log/rank_$rank.log" 2>&1 &',
+        '  pids+=($!)',
+        'done <<< "$devices"',
+        'echo "worker pod $POD_IP: ${#pids[@]} workers started, logs in $PWD/rank_log"',
+        "set +e",
+    ]
+    return lines + supervise_lines()
+
+
 def write_k8s_files(plan, exp) -> Path:
     """ascendjob.yaml and launch_k8s.sh into the run dir; a layout the operator would refuse is a UserError."""
     from qwen15_exp.atomic import write_text
@@ -196,7 +265,7 @@ def write_k8s_files(plan, exp) -> Path:
         raise UserError("launch.k8s: " + "; ".join(problems))
     run_dir = Path(plan.run_dir)
     write_text(run_dir / SCRIPT, pod_script(plan, exp), mode=0o755)
-    return write_text(run_dir / MANIFEST, dump(manifest(plan, exp)))
+    return write_text(run_dir / MANIFEST, dump(documents(plan, exp)))
 
 
 def submit_lines(path: str, exp, run_dir) -> list[str]:

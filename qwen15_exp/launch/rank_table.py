@@ -85,6 +85,25 @@ def table_problems(servers: list[Server], layout) -> list[str]:
     return out
 
 
+def supervise_lines() -> list[str]:
+    """Wait for the workers in `pids`; the first to fail stops the others (they would wait for it in HCCL until
+    its timeout); exit with the first failure's status."""
+    return ["status=0",
+            'while [ "${#pids[@]}" -gt 0 ]; do',
+            '  for i in "${!pids[@]}"; do',
+            '    pid="${pids[$i]}"',
+            '    if kill -0 "$pid" 2>/dev/null; then continue; fi',
+            '    rc=0; wait "$pid" || rc=$?; unset "pids[$i]"',
+            '    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc',
+            '      echo "a worker exited with $rc: stopping the others" >&2',
+            '      [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null',
+            '    fi',
+            '  done',
+            '  [ "${#pids[@]}" -gt 0 ] && sleep 1',
+            'done',
+            'exit "$status"']
+
+
 def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
     """One node's script: a worker per device of that server, each with its rank and device, in the
     background; the script waits for all of them and exits with the first failure's status. A stop signal
@@ -110,23 +129,63 @@ def node_script(plan, exp, node_rank: int, servers: list[Server]) -> str:
         lines.append(f'RANK_ID={int(d.rank_id)} DEVICE_ID={int(d.device_id)} "$PYTHON" worker.py --config '
                      f'mindformers.yaml {WORKER_OPTIONS} > rank_log/rank_{int(d.rank_id)}.log 2>&1 &')
         lines.append("pids+=($!)")
-    # the first worker to fail stops the others (they would wait for it in HCCL until its timeout)
-    lines += ['echo "node %s: %s workers started, logs in $PWD/rank_log"' % (int(node_rank), len(server.devices)),
-              "status=0",
-              'while [ "${#pids[@]}" -gt 0 ]; do',
-              '  for i in "${!pids[@]}"; do',
-              '    pid="${pids[$i]}"',
-              '    if kill -0 "$pid" 2>/dev/null; then continue; fi',
-              '    rc=0; wait "$pid" || rc=$?; unset "pids[$i]"',
-              '    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc',
-              '      echo "a worker exited with $rc: stopping the others" >&2',
-              '      [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null',
-              '    fi',
-              '  done',
-              '  [ "${#pids[@]}" -gt 0 ] && sleep 1',
-              'done',
-              'exit "$status"']
+    lines.append('echo "node %s: %s workers started, logs in $PWD/rank_log"' % (int(node_rank), len(server.devices)))
+    lines += supervise_lines()
     return "\n".join(lines) + "\n"
+
+
+# ---- in a Worker pod of an AscendJob: the table the ascend-operator writes ----
+
+def wait_for_table(path: str, timeout_s: float, poll_s: float = 2.0) -> dict:
+    """The operator's table once its status is "completed" (it starts as {"status": "initializing"} and is
+    rewritten when every pod has its devices; the samples' rank_table.sh waits the same way)."""
+    import time
+    deadline, status = time.monotonic() + timeout_s, "absent"
+    while True:
+        try:
+            table = json.loads(Path(path).read_text())
+            status = str(table.get("status", "no status"))
+            if status == "completed":
+                return table
+        except FileNotFoundError:
+            status = "absent"
+        except ValueError:              # caught between two writes: read it again
+            status = "being written"
+        if time.monotonic() >= deadline:
+            raise UserError(f"{path} is still {status!r} after {timeout_s:.0f} s: the ascend-operator writes it into "
+                            "the ConfigMap rings-config-<job> once every Worker pod has its NPUs; check that the "
+                            "operator runs and `kubectl get cm rings-config-<job> -o yaml`")
+        time.sleep(poll_s)
+
+
+def pod_devices(table: dict, pod_ip: str, layout) -> list[tuple[int, int]]:
+    """(RANK_ID, DEVICE_ID) of this pod's devices: its server is the one whose container_ip is the pod's address
+    (the operator's Server.ContainerIP); DEVICE_ID is the device's index in the pod, as ascend-docker-runtime
+    numbers the NPUs a container sees (the samples' train_start.sh); RANK_ID the table's rank_id."""
+    try:
+        servers = [(str(s.get("container_ip", "")), str(s.get("server_id", "")), [int(d["rank_id"]) for d in s["device"]])
+                   for s in table["server_list"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the operator's rank table has no server_list[].device[].rank_id ({type(e).__name__}: {e})") \
+            from None
+    as_servers = [Server(sid or ip, tuple(Device(i, "", r) for i, r in enumerate(ranks))) for ip, sid, ranks in servers]
+    problems = table_problems(as_servers, layout)
+    if problems:
+        raise UserError("the operator's rank table disagrees with the plan: " + "; ".join(problems))
+    mine = [ranks for ip, _, ranks in servers if ip == pod_ip]
+    if len(mine) != 1:
+        raise UserError(f"this pod ({pod_ip}) is {'not' if not mine else 'more than once'} in the operator's rank "
+                        f"table (container_ip of its servers: {[ip for ip, _, _ in servers]})")
+    return [(rank, index) for index, rank in enumerate(mine[0])]
+
+
+def pod_main(args) -> int:
+    from types import SimpleNamespace
+    layout = SimpleNamespace(nodes=args.nodes, devices_here=args.devices_per_node,
+                             devices=args.nodes * args.devices_per_node, terms=f"{args.nodes} x {args.devices_per_node}")
+    for rank, device in pod_devices(wait_for_table(args.pod_table, args.wait), args.pod_ip, layout):
+        print(rank, device)
+    return 0
 
 
 # ---- building a table from hccn_tool, as MindFormers' hccl_tools.py does ----
@@ -182,9 +241,19 @@ def main(argv=None) -> int:
     ap.add_argument("--server_ip", help="this server's address (the table's server_id)")
     ap.add_argument("--hccn_tool", default="hccn_tool")
     ap.add_argument("--merge", nargs="+", metavar="TABLE", help="merge these one-server tables instead")
-    ap.add_argument("--output", required=True)
+    ap.add_argument("--output", help="the table to write")
+    pod = ap.add_argument_group("in a Worker pod of an AscendJob: print `RANK_ID DEVICE_ID` of its devices")
+    pod.add_argument("--pod_table", metavar="HCCL_JSON", help="the operator's table, as mounted in the pod")
+    pod.add_argument("--pod_ip", help="the pod's address (status.podIP)")
+    pod.add_argument("--nodes", type=int, default=1, help="Worker pods of the plan")
+    pod.add_argument("--devices_per_node", type=int, default=1)
+    pod.add_argument("--wait", type=float, default=600, help="seconds to wait for the table's status completed")
     args = ap.parse_args(argv)
     try:
+        if args.pod_table:
+            return pod_main(args)
+        if not args.output:
+            raise UserError("--output is required (the table to write)")
         if args.merge:
             for path in args.merge:              # each must be a table (a UserError naming the file and field)
                 read_rank_table(path)
