@@ -109,6 +109,9 @@ def absolutize_paths(exp: Experiment, base: str | None = None) -> Experiment:
     exp.phase.adapter = absolute_path(exp.phase.adapter, base)
     exp.launch.rank_table = absolute_path(exp.launch.rank_table, base)
     exp.phase.eval.input = absolute_path(exp.phase.eval.input, base)
+    exp.eval.include_path = [absolute_path(p, base) for p in exp.eval.include_path]
+    # a task given as its YAML file (lm-eval takes paths as well as names)
+    exp.eval.tasks = [absolute_path(t, base) if t.endswith((".yaml", ".yml")) else t for t in exp.eval.tasks]
     return exp
 
 

@@ -137,7 +137,9 @@ def make_plan(exp, run_dir: Path, dataset: Dataset | None = None, layout: Layout
         eval_dataset_dir=eval_dataset.folder if eval_dataset else "",
         eval_columns=list(eval_dataset.columns) if eval_dataset else None)
     env = run_env(exp, resume)
-    if exp.launch.compile_cache:
+    # a benchmark builds up to two networks in whichever order its tasks ask (scoring, generation): a graph cached
+    # by one order fed garbage indices to the other (Gather out of range), so it compiles afresh
+    if exp.launch.compile_cache and not (exp.phase.run_mode == "eval" and exp.eval.tasks):
         from qwen15_exp.compile_cache import cache_env
         env.update(cache_env(cfg, run_dir if choice.executes else Path("."), env, choice.executes))
     return Plan(run_dir=run_dir, layout=L, choice=choice, steps=steps, params_total=total_params(exp.model),

@@ -89,6 +89,30 @@ def fit_word(mem: dict) -> str:
     return "tight: over budget, within the estimate uncertainty" if mem.get("tight") else "fits"
 
 
+def metric_text(metric: dict) -> str:
+    """0.7917 +- 0.0847 (a metric of lm-eval's and its standard error, where it has one)."""
+    stderr = metric.get("stderr")
+    return f"{metric['value']:.4f}" + (f" +- {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+
+
+def benchmark_lines(bench: dict | None, measured: dict) -> list[str]:
+    """lm-eval's metrics, one per line, with how many documents, shots and requests."""
+    if not bench:
+        return []
+    lines = [f"  benchmark (lm-evaluation-harness): {bench['requests']:,} requests in {bench['seconds']:.1f} s "
+             f"({bench['requests_per_s'] or 0:,.1f}/s), weights {measured.get('weights', '?')}"]
+    width = max((len(n) for n in bench["metrics"]), default=0)
+    for name, metric in bench["metrics"].items():
+        task = name.split("/", 1)[0]
+        docs, shots = bench["samples"].get(task), bench["num_fewshot"].get(task)
+        arrow = {True: "higher is better", False: "lower is better"}.get(metric.get("higher_is_better"), "")
+        detail = ", ".join(x for x in (f"{docs} docs" if docs else "", f"{shots}-shot" if shots is not None else "",
+                                       arrow) if x)
+        lines.append(f"    {name:<{width}}  {metric_text(metric)}" + (f"   ({detail})" if detail else ""))
+    lines.append(f"  lm-eval's files (results, samples): {bench['output_dir']}")
+    return lines
+
+
 def summary_text(result: dict) -> str:
     """One screen: what ran, on what, and what came out."""
     p, m = result["plan"], result.get("measured") or {}
@@ -144,6 +168,7 @@ def summary_text(result: dict) -> str:
     if "perplexity" in m:
         lines.append(f"  eval: perplexity {m['perplexity']:,.4f}   mean loss {m['eval_loss']:.4f}   "
                      f"{m['eval_tokens']:,} tokens scored in {m['eval_rows']} rows")
+    lines += benchmark_lines(result.get("benchmark"), m)
     if m.get("mindir"):
         check = m.get("check")
         lines.append(f"  exported MindIR ({m['mindir_mb']:,.1f} MB): " + ", ".join(m["mindir"]))
@@ -237,6 +262,8 @@ def job_line(result: dict) -> str:
         parts.append(f"eval loss {m['eval'][-1]['loss']:.3f} (step {m['eval'][-1]['step']})")
     if m.get("perplexity") is not None:
         parts.append(f"perplexity {m['perplexity']:,.3f}")
+    for name, metric in list(((result.get("benchmark") or {}).get("metrics") or {}).items())[:3]:
+        parts.append(f"{name} {metric_text(metric)}")
     if p.get("memory"):
         parts.append(f"{p['memory']['total_gb']:.2f}/{p['memory']['budget_gb']:.0f} GB {fit_verdict(p['memory'])}")
     if m.get("time_to_first_step_s") is not None:

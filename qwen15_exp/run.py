@@ -27,12 +27,13 @@ from qwen15_exp.result import job_line, summary_text, versions
 from qwen15_exp.sweep import config_sha
 from qwen15_exp.validate import InvalidExperiment, validate
 from qwen15_exp.weights.checkpoint import checkpoint_of_run_dir, is_run_dir, resolve_checkpoint
+from qwen15_exp.benchmark import load_tasks, runs_benchmark, spec_file, spec_of
 
 
 def prepare_dataset(exp, show_progress: bool = True) -> Dataset | None:
     """The MindRecord the run trains on (or phase=eval scores): a raw file prepared (and cached), or a given
     MindRecord; rows of seq_length+1 tokens."""
-    if exp.phase.run_mode == "predict" or exp.data.format == "none":
+    if exp.phase.run_mode == "predict" or exp.data.format == "none" or runs_benchmark(exp):
         return None
     return dataset_of(exp.data, exp.data.seq_length + 1, "data", show_progress)
 
@@ -170,6 +171,8 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
     if exp.resume:
         from qwen15_exp.resume import resume_point
         resume = resume_point(exp, run_dir, layout)
+    if runs_benchmark(exp) and choice.executes:    # the tasks and their data, before any weights or model
+        load_tasks(spec_of(exp))
     dataset = prepare_dataset(exp, show_progress) if choice.executes else None
     eval_dataset = prepare_eval_dataset(exp, show_progress) if choice.executes else None
     resolve_checkpoint(exp, layout.devices, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
@@ -183,6 +186,8 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
             write_text(run_dir / "lite.ini", lite_ini(exp.launch.rank_table))
     elif exp.phase.run_mode == "predict":      # the YAML's processor names tokenizer.json, beside it
         write_predict_files(plan, exp)
+    elif runs_benchmark(exp):                  # the harness's settings, for a plan's worker (and the record)
+        write_json(spec_file(run_dir), spec_of(exp))
     result.update(hardware_changes={k: [str(a), str(b)] for k, (a, b) in compose.hardware_changes(exp.hardware).items()},
                   training=training_settings(exp))
     result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),
@@ -226,6 +231,8 @@ def execute(plan, exp, yaml_path: Path, result: dict, request, process_start: fl
             result["checkpoint"] = checkpoint_info(run_dir, plan.layout.devices)
     if not train:
         result["measured"] = launched.figures
+        if launched.benchmark:
+            result["benchmark"] = launched.benchmark
         if launched.generated:
             result["generated"] = launched.generated
     if launched.node_rank is not None:

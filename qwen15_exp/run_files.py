@@ -22,6 +22,7 @@ SUMMARY = "summary.txt"
 WORKER = "worker.py"
 PREDICT_DATA = "predict_data.json"
 TOKENIZER = "tokenizer.json"
+BENCHMARK_SPEC = "benchmark.json"          # eval.tasks: the harness's settings (qwen15_exp/benchmark.py)
 STEPS_GLOB = "steps_rank*.jsonl"
 RANK_RECORD_GLOB = "rank_*.json"
 
@@ -42,6 +43,11 @@ def rank_records(run_dir) -> list[dict]:
     """Every rank's end-of-run record, in rank order."""
     paths = sorted(Path(run_dir).glob(RANK_RECORD_GLOB), key=lambda p: int(p.stem.split("_")[1]))
     return [json.loads(p.read_text()) for p in paths]
+
+
+def lm_eval_dir(run_dir) -> Path:
+    """lm-evaluation-harness's own output (results_<date>.json, samples_<task>_<date>.jsonl)."""
+    return Path(run_dir) / "lm_eval"
 
 
 def output_dir(run_dir) -> Path:

@@ -292,6 +292,26 @@ class ReportOptions:
 
 
 @dataclass
+class BenchmarkOptions:
+    """eval: benchmarks through lm-evaluation-harness in phase=eval (no tasks: perplexity, as before). Task
+    names come from lm-eval's registry (mmlu, ceval-valid, cmmlu, gsm8k, arc_easy, hellaswag, ...) or from the
+    user's task YAMLs under include_path; datasets from the Hugging Face datasets cache or local files, never
+    fetched at run time."""
+    tasks: List[str] = field(default_factory=list)
+    num_fewshot: Optional[int] = None      # None: each task's own
+    limit: Optional[float] = None          # documents per task: a count, or a fraction below 1 (a quick look)
+    batch_size: int = 8                    # requests per forward pass (and sequences per generate)
+    apply_chat_template: bool = False      # the Qwen1.5 ChatML template around each prompt (chat models)
+    fewshot_as_multiturn: bool = False     # with the template: each few-shot example as a user/assistant turn
+    system_instruction: str = ""
+    include_path: List[str] = field(default_factory=list)
+    seed: int = 1234                       # lm-eval's few-shot sampling and numpy seeds (its default)
+    max_length: Optional[int] = None       # tokens a request may hold (longer: cut from the left); None: seq_length
+    max_gen_toks: int = 256                # generate_until's default answer length (a task may set its own)
+    log_samples: bool = True               # every request and answer in lm-eval's samples files
+
+
+@dataclass
 class K8sVolume:
     """A volume every pod mounts: a node's folder (host_path) or a PersistentVolumeClaim (claim)."""
     name: str = "outputs"
@@ -390,6 +410,7 @@ class Experiment:
     tune: TuneOptions = field(default_factory=TuneOptions)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportOptions = field(default_factory=lambda: ReportOptions())
+    eval: BenchmarkOptions = field(default_factory=BenchmarkOptions)
     experiment_name: str = "default"
     verbose: bool = False                 # MindFormers' and MindSpore's own console output (qwen15_exp/console.py)
     resume: str = ""                      # a run dir to continue from its last complete checkpoint

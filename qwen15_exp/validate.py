@@ -177,6 +177,40 @@ def check_phase_inputs(exp) -> list[Problem]:
     return out
 
 
+def check_benchmark(exp, L) -> list[Problem]:
+    """eval.*: benchmarks run in phase=eval, on one device, with sane numbers and existing task folders."""
+    e, out = exp.eval, []
+    if not e.tasks:
+        return out
+    if exp.phase.run_mode != "eval":
+        out.append(Problem("eval", "eval.tasks", f"benchmarks with phase={exp.phase.name}",
+                           "run them with phase=eval (and phase.load_checkpoint=<the weights to score>)"))
+    if L is not None and L.devices > 1:
+        out.append(Problem("eval", "eval.tasks", f"benchmarks on {L.devices} devices ({L.terms})",
+                           "run them on one device (parallel=single): qwen15_exp's lm-eval model is not sharded"))
+    for key, value, low in (("batch_size", e.batch_size, 1), ("max_gen_toks", e.max_gen_toks, 1),
+                            ("num_fewshot", e.num_fewshot, 0), ("max_length", e.max_length, 2)):
+        if value is not None and value < low:
+            out.append(Problem("eval", f"eval.{key}", f"{value}", f"give an integer >= {low}"))
+    if e.limit is not None and not (e.limit > 0 and (e.limit < 1 or float(e.limit).is_integer())):
+        out.append(Problem("eval", "eval.limit", f"{e.limit}", "give a count of documents per task (e.g. 100) or "
+                           "a fraction below 1 (e.g. 0.1)"))
+    if e.fewshot_as_multiturn and not e.apply_chat_template:
+        out.append(Problem("eval", "eval.fewshot_as_multiturn", "true without eval.apply_chat_template",
+                           "set eval.apply_chat_template=true too (the turns are the chat template's)"))
+    if e.max_length and e.max_length > exp.model.max_position_embedding:
+        out.append(Problem("eval", "eval.max_length", f"{e.max_length}, more than the model's "
+                           f"{exp.model.max_position_embedding} positions", "lower it"))
+    for path in e.include_path:
+        if not Path(path).is_dir():
+            out.append(Problem("eval", "eval.include_path", f"{path} is not a folder",
+                               "give folders of lm-eval task YAMLs"))
+    for task in e.tasks:
+        if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+            out.append(Problem("eval", "eval.tasks", f"{task} not found", "give an existing task YAML, or a task name"))
+    return out
+
+
 def check_devices(exp, L) -> list[Problem]:
     p, hw = exp.parallel, exp.hardware
     n_dev, per_node, terms = L.devices, hw.devices_per_node, L.terms
@@ -369,15 +403,17 @@ def fitting_seq_length(exp, L) -> int | None:
 def check_files(exp, executes: bool) -> list[Problem]:
     out = []
     d = exp.data
+    # benchmarks (eval.tasks) read their tasks' data, not the data group's
+    reads_data = exp.phase.run_mode != "predict" and not (exp.phase.run_mode == "eval" and exp.eval.tasks)
     # a plan's data lives on the cluster: its path is taken as given (or passed to the launch script)
-    if exp.phase.run_mode != "predict" and d.format != "none" and (executes or d.input):
+    if reads_data and d.format != "none" and (executes or d.input):
         if not d.input:
             out.append(Problem("data", "data.input", f"data={d.name} needs an input file",
                                "set data.input=/path/to/file"))
         elif executes and not Path(d.input).exists():
             out.append(Problem("data", "data.input", f"{d.input} does not exist",
                                "set data.input to an existing file (paths are relative to where you run)"))
-    if exp.phase.run_mode != "predict" and d.format == "none":
+    if reads_data and d.format == "none":
         out.append(Problem("data", "data", f"phase={exp.phase.name} trains but data=none",
                            "choose training data, e.g. data=alpaca data.input=alpaca_data.json"))
     ck = exp.phase.load_checkpoint
@@ -459,6 +495,7 @@ def validate(exp, layout=None, memory=None, executes: bool | None = None) -> lis
         problems += [Problem("launch", "launch.k8s", p, "fix the launch.k8s.* keys or the layout")
                      for p in k8s_problems(exp, L)]
     problems += check_files(exp, executes)
+    problems += check_benchmark(exp, L)
     problems += check_rank_table(exp, L)
     problems += check_tokenizer(exp, executes)
     return problems

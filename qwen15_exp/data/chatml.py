@@ -75,6 +75,18 @@ def cut_at_stop(new_ids: list[int]) -> list[int]:
     return new_ids
 
 
+def chatml_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Messages as Qwen1.5-*-Chat's template renders them (HF_CHAT_TEMPLATE: a default system turn when there is
+    none). Without the generation prompt the last message stays open, to be continued (transformers'
+    continue_final_message, as lm-eval asks for an assistant prefill)."""
+    if not messages or messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+    text = "".join(turn(m["role"], m["content"]) + "\n" for m in messages)
+    if add_generation_prompt:
+        return text + ASSISTANT_OPENER
+    return text[:-len(IM_END + "\n")]
+
+
 def render_chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The ChatML text and the character spans of assistant answers (content + <|im_end|>)."""
     parts, answer_spans, pos = [], [], 0

@@ -14,6 +14,8 @@ from qwen15_exp.launch.launched import Launched
 def kind_of(exp) -> str:
     if exp.phase.export:
         return "export"
+    if exp.phase.run_mode == "eval" and exp.eval.tasks:
+        return "benchmark"
     return {"predict": "predict", "eval": "eval"}.get(exp.phase.run_mode, "train")
 
 
@@ -24,5 +26,5 @@ def launch(plan, exp, yaml_path: Path, request) -> Launched:
         from qwen15_exp.launch.msrun import run_msrun
         return run_msrun(plan, exp, kind, request)
     from qwen15_exp.launch import local
-    return {"train": local.run_train, "eval": local.run_eval, "predict": local.run_predict,
-            "export": local.run_export}[kind](plan, exp, yaml_path, request)
+    return {"train": local.run_train, "eval": local.run_eval, "benchmark": local.run_benchmark,
+            "predict": local.run_predict, "export": local.run_export}[kind](plan, exp, yaml_path, request)

@@ -94,13 +94,19 @@ def quiet_mindformers_logs() -> None:
             handler.addFilter(_not_mindformers)
 
 
+class StopGeneration(Exception):
+    """Raised from the streamer to end a batch early (MindFormers' generate has no stop-string criterion)."""
+
+
 class Streamer:
     """MindFormers' streamer protocol: the prompt first, then each step's tokens (one per sequence). Times the
-    first step (the prefill: time to first token) and hands batch 1's tokens to `on_token`."""
+    first step (the prefill: time to first token) and hands batch 1's tokens to `on_token`. With `stop`, keeps
+    every sequence's tokens and ends the batch once stop(tokens so far) says so."""
 
-    def __init__(self, on_token=None):
+    def __init__(self, on_token=None, stop=None, batch: int = 1):
         self.on_token, self.seen_prompt = on_token, False
         self.t_prompt = self.t_first = None
+        self.stop, self.tokens = stop, [[] for _ in range(batch)]
 
     def put(self, value):
         now = time.perf_counter()
@@ -111,6 +117,11 @@ class Streamer:
             self.t_first = now
         if self.on_token is not None:
             self.on_token(int(value[0] if hasattr(value, "__len__") else value))
+        if self.stop is not None:
+            for seq, token in zip(self.tokens, value if hasattr(value, "__len__") else [value]):
+                seq.append(int(token))
+            if self.stop(self.tokens):
+                raise StopGeneration
 
     def end(self):
         pass
@@ -129,28 +140,48 @@ class Generated:
     logits: list | None = None          # per step, [batch, vocab] (return_logits=True; tests)
 
 
+def start_context(mf_config: dict, quiet: bool = False) -> bool:
+    """MindFormers' context for building networks in this process, and the CPU's help; True on the CPU."""
+    from mindformers.core.context import build_context
+    if quiet:                          # MindFormers logs every generate() call to stdout
+        quiet_mindformers_logs()
+    cpu = mf_config["context"].get("device_target") == "CPU"
+    build_context({"context": mf_config["context"], "parallel": {"parallel_mode": 0}, "use_parallel": False,
+                   "postprocess_use_numpy": mf_config.get("postprocess_use_numpy", False)})
+    if cpu:
+        use_cpu_argmax()
+    if cpu and os.environ.get("QWEN15_EXP_ASYNC_KERNELS") != "1":
+        # the prefill runs in PyNative (CPULlamaForCausalLM), which queues kernels for a worker thread and waits
+        # for it at every .shape or .dtype read, as MindFormers' layers do per call (0.7 ms each on 2 cores):
+        # run them in this thread instead
+        import mindspore as ms
+        ms.runtime.launch_blocking()
+    return cpu
+
+
+def build_network(model_class, model_config: dict, checkpoint: str = ""):
+    """The network of a model_config (MindFormers' LlamaConfig keys) with the checkpoint's weights, for inference."""
+    from mindformers import LlamaConfig
+    if checkpoint:                       # no random initialisation of weights about to be loaded
+        from mindspore.nn.utils import no_init_parameters
+        with no_init_parameters():
+            network = model_class(config=LlamaConfig(**model_config, checkpoint_name_or_path=""))
+        load_params(network, checkpoint)
+        network.init_parameters_data()            # what the checkpoint does not hold: the KV cache
+    else:
+        network = model_class(config=LlamaConfig(**model_config, checkpoint_name_or_path=""))
+    network.set_train(False)
+    return network
+
+
 class Generator:
     """A MindFormers Llama network built from a mindformers.yaml's model section, with its weights, generating
     through MindFormers' own `generate`. On the CPU with use_past it is the CPU model class, whose attention
     is qwen15_exp.kv_cache_cpu's."""
 
     def __init__(self, mf_config: dict, checkpoint: str = "", quiet: bool = False):
-        from mindformers import LlamaConfig, LlamaForCausalLM
-        from mindformers.core.context import build_context
-        if quiet:                          # MindFormers logs every generate() call to stdout
-            quiet_mindformers_logs()
-
-        build_context({"context": mf_config["context"], "parallel": {"parallel_mode": 0}, "use_parallel": False,
-                       "postprocess_use_numpy": mf_config.get("postprocess_use_numpy", False)})
-        cpu = mf_config["context"].get("device_target") == "CPU"
-        if cpu:
-            use_cpu_argmax()
-        if cpu and os.environ.get("QWEN15_EXP_ASYNC_KERNELS") != "1":
-            # the prefill runs in PyNative (CPULlamaForCausalLM), which queues kernels for a worker thread and waits
-            # for it at every .shape or .dtype read, as MindFormers' layers do per call (0.7 ms each on 2 cores):
-            # run them in this thread instead
-            import mindspore as ms
-            ms.runtime.launch_blocking()
+        from mindformers import LlamaForCausalLM
+        cpu = start_context(mf_config, quiet)
         mc = {k: v for k, v in mf_config["model"]["model_config"].items() if k not in ("type", "max_new_tokens")}
         self.seq_length = mc["seq_length"]
         self.batch_size = mc.get("batch_size", 1)         # the KV cache holds this many sequences
@@ -160,15 +191,7 @@ class Generator:
             from qwen15_exp.mindformers_ext import CPULlamaForCausalLM
             model_class = CPULlamaForCausalLM
         self.checkpoint = checkpoint
-        if checkpoint:                       # no random initialisation of weights about to be loaded
-            from mindspore.nn.utils import no_init_parameters
-            with no_init_parameters():
-                self.model = model_class(config=LlamaConfig(**mc, checkpoint_name_or_path=""))
-            load_params(self.model, checkpoint)
-            self.model.init_parameters_data()            # what the checkpoint does not hold: the KV cache
-        else:
-            self.model = model_class(config=LlamaConfig(**mc, checkpoint_name_or_path=""))
-        self.model.set_train(False)
+        self.model = build_network(model_class, mc, checkpoint)
 
     def room(self, prompts: list[list[int]]) -> int:
         longest = max(len(p) for p in prompts)
@@ -178,9 +201,10 @@ class Generator:
         return self.seq_length - longest
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, on_token=None,
-                       return_logits: bool = False, **kwargs) -> Generated:
+                       return_logits: bool = False, stop=None, **kwargs) -> Generated:
         """Each prompt's continuation, the batch in one `generate` (prompts right-padded with pad_token_id, as
-        MindFormers pads). Generation stops at the eos ids or after max_new_tokens (and at seq_length)."""
+        MindFormers pads). Generation stops at the eos ids or after max_new_tokens (and at seq_length), or once
+        `stop(each sequence's tokens so far)` is true (then a sequence's tokens run past its eos: cut them)."""
         import numpy as np
         if len(prompts) > self.batch_size and self.model.use_past:
             raise UserError(f"{len(prompts)} prompts in one batch, but the KV cache was sized for "
@@ -190,11 +214,16 @@ class Generator:
         batch = np.full((len(prompts), width), self.pad_token_id, dtype=np.int32)
         for i, p in enumerate(prompts):
             batch[i, :len(p)] = p
-        streamer = Streamer(on_token)
+        streamer = Streamer(on_token, stop, len(prompts))
         if return_logits:
             kwargs.update(return_dict_in_generate=True, output_logits=True)
         t0 = time.perf_counter()
-        out = self.model.generate(batch.tolist(), max_new_tokens=new, streamer=streamer, **kwargs)
+        try:
+            out = self.model.generate(batch.tolist(), max_new_tokens=new, streamer=streamer, **kwargs)
+        except StopGeneration:
+            if getattr(self.model, "block_mgr", None):     # as generate() ends: the cache blocks back to the pool
+                self.model.block_mgr.clear_cache()
+            return Generated(streamer.tokens, time.perf_counter() - t0, streamer.first_token_s)
         seconds = time.perf_counter() - t0
         sequences = out["sequences"] if return_logits else out
         new_ids = [[int(x) for x in seq[len(p):]] for seq, p in zip(sequences, prompts)]
