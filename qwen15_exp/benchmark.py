@@ -34,6 +34,7 @@ def spec_of(exp) -> dict:
             "fewshot_as_multiturn": bool(e.fewshot_as_multiturn), "system_instruction": e.system_instruction,
             "include_path": list(e.include_path), "seed": int(e.seed),
             "max_length": int(e.max_length or exp.data.seq_length), "max_gen_toks": int(e.max_gen_toks),
+            "gen_kwargs": dict(e.gen_kwargs), "model_name": f"qwen15_exp-{exp.model.name}",
             "log_samples": bool(e.log_samples), "tokenizer_dir": exp.data.tokenizer_dir or "",
             # task YAMLs name their data files relative to where the command was typed, as lm-eval reads them
             "cwd": os.getcwd()}
@@ -173,6 +174,9 @@ def evaluate(lm, spec: dict, output_dir: Path, verbose: bool = False) -> dict:
         results = simple_evaluate(
             model=lm, tasks=list(spec["tasks"]), num_fewshot=spec["num_fewshot"], limit=spec["limit"],
             batch_size=spec["batch_size"], task_manager=task_manager(tuple(spec["include_path"])),
+            gen_kwargs=spec.get("gen_kwargs") or None,
+            # only names the output folder (lm_eval/<name>/results_<time>.json): the model is built already
+            model_args={"pretrained": spec.get("model_name", "qwen15_exp")},
             apply_chat_template=spec["apply_chat_template"], fewshot_as_multiturn=spec["fewshot_as_multiturn"],
             system_instruction=spec["system_instruction"] or None, log_samples=spec["log_samples"],
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

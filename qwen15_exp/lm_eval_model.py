@@ -252,10 +252,11 @@ class MindFormersLM(TemplateLM):
 
     @staticmethod
     def sampling(kwargs: dict) -> dict:
-        """MindFormers generate() settings from a task's generation_kwargs; both end tokens of a Qwen1.5 chat
-        export's generation_config (<|im_end|>, <|endoftext|>) end an answer."""
+        """MindFormers generate() settings from a task's generation_kwargs: greedy unless it samples, no
+        repetition penalty unless it asks for one; both end tokens of a Qwen1.5 chat export's
+        generation_config (<|im_end|>, <|endoftext|>) end an answer."""
         out = {"do_sample": bool(kwargs.get("do_sample")), "eos_token_id": [IM_END_ID, PAD_ID],
-               "repetition_penalty": 1.0}
+               "repetition_penalty": float(kwargs.get("repetition_penalty") or 1.0)}
         if out["do_sample"]:
             out.update(temperature=float(kwargs.get("temperature") or 1.0), top_k=int(kwargs.get("top_k") or 0),
                        top_p=float(kwargs.get("top_p") or 1.0))

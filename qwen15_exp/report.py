@@ -42,6 +42,7 @@ def row_of(job: str, result: dict) -> dict:
     estimated = est.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
     got = measured.get("tokens_per_s_per_device" if per_device else "tokens_per_s")
     mem = plan.get("memory") or {}
+    bench = (result.get("benchmark") or {}).get("metrics") or {}
     evals = measured.get("eval") or []
     eval_loss = evals[-1]["loss"] if evals else measured.get("eval_loss")
     perplexity = evals[-1]["PPL"] if evals else measured.get("perplexity")
@@ -65,6 +66,10 @@ def row_of(job: str, result: dict) -> dict:
         "_rank_resolution": est.get("rank_resolution") or 0.0,
         "failure_class": result.get("failure_class") or ("killed" if result.get("status") == "killed" else None),
         "reason": result.get("reason") or (first_line(result.get("error", "")) or None),
+        # lm-eval's metrics (eval.tasks): a column each, and its standard error beside it
+        "_bench": bench,
+        **{name: round(m["value"], 4) for name, m in bench.items()},
+        **{f"{name}_stderr": round(m["stderr"], 4) for name, m in bench.items() if m.get("stderr") is not None},
     }
 
 
@@ -122,9 +127,24 @@ def column_names(keys: list[str]) -> dict[str, str]:
     return {k: (k if short[k] in clash else short[k]) for k in keys}
 
 
+def benchmark_metrics(rows: list[dict]) -> list[str]:
+    """lm-eval's metrics some job has, in the order the jobs report them."""
+    return list(dict.fromkeys(name for r in rows for name in (r.get("_bench") or {})))
+
+
+def lower_is_better(metric: str, rows: list[dict]) -> bool:
+    """Losses and perplexities; for lm-eval's metrics, what its task says (higher_is_better)."""
+    said = [(r.get("_bench") or {}).get(metric, {}).get("higher_is_better") for r in rows]
+    said = [x for x in said if x is not None]
+    return (not said[0]) if said else metric in LOWER_IS_BETTER or metric.endswith("perplexity")
+
+
 def rank_metric(rows: list[dict], asked: str = "") -> str | None:
     if asked:
         return asked
+    bench = benchmark_metrics(rows)
+    if bench:                             # a benchmark sweep: its first task's first metric
+        return bench[0]
     if any(r.get("eval_loss") is not None for r in rows):
         return "eval_loss"
     return None                           # throughput sweeps keep their ranking by measurement
@@ -143,7 +163,8 @@ def comparison(rows: list[dict], asked: str = "") -> list[str]:
         if r["status"] == "ok":
             groups.setdefault(tuple(r["_overrides"].get(k) for k in keys), []).append(r)
     if metric not in METRICS and not any(r.get(metric) is not None for r in rows):
-        return ["", f"(report.rank_by={metric}: no job has that metric; choose one of {', '.join(METRICS)})"]
+        known = [m for m in (*METRICS, *benchmark_metrics(rows)) if any(r.get(m) is not None for r in rows)]
+        return ["", f"(report.rank_by={metric}: no job has that metric; choose one of {', '.join(known or METRICS)})"]
 
     def stat(group, key):
         values = [r[key] for r in group if r.get(key) is not None]
@@ -151,19 +172,25 @@ def comparison(rows: list[dict], asked: str = "") -> list[str]:
             return None, None
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    lower = metric in LOWER_IS_BETTER
+    lower = lower_is_better(metric, rows)
     ordered = sorted(groups.items(), key=lambda kv: (stat(kv[1], metric)[0] is None,
                                                      (1 if lower else -1) * (stat(kv[1], metric)[0] or 0)))
-    shown = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    shown = [m for m in (*METRICS, *benchmark_metrics(rows)) if any(r.get(m) is not None for r in rows)]
+
+    def cell(group, m):
+        mean, spread = stat(group, m)
+        if mean is None:
+            return ""
+        if len(group) > 1:
+            return f"{mean:.4g} +- {spread:.2g}"
+        stderr = group[0].get(f"{m}_stderr")
+        return f"{mean:.4g}" + (f" +- {stderr:.2g} se" if stderr is not None else "")
     out = ["", f"Settings ranked by {metric} ({'lower' if lower else 'higher'} is better; mean +- standard deviation "
-               "over the jobs that differ only by seed):", "",
+               "over the jobs that differ only by seed; for one job, lm-eval's standard error `se`):", "",
            "| rank | " + " | ".join(names[k] for k in keys) + " | jobs | " + " | ".join(shown) + " |",
            "|---|" + "---|" * (len(keys) + 1 + len(shown))]
     for i, (values, group) in enumerate(ordered, 1):
-        cells = []
-        for m in shown:
-            mean, spread = stat(group, m)
-            cells.append("" if mean is None else f"{mean:.4g} +- {spread:.2g}" if len(group) > 1 else f"{mean:.4g}")
+        cells = [cell(group, m) for m in shown]
         out.append(f"| {i} | " + " | ".join(str(v) for v in values) + f" | {','.join(r['job'] for r in group)} | "
                    + " | ".join(cells) + " |")
     return out
@@ -201,9 +228,11 @@ def rank_resolution(rows: list[dict]) -> float:
 
 
 def columns_of(rows: list[dict]) -> list[str]:
-    """The report's columns: the job, then the swept keys, then the rest."""
+    """The report's columns: the job, then the swept keys, then the rest, then lm-eval's metrics (each with its
+    standard error)."""
     swept = rows[0].get("_swept", []) if rows else []
-    return COLUMNS[:1] + swept + [c for c in COLUMNS[1:] if c not in swept]
+    bench = [c for m in benchmark_metrics(rows) for c in (m, f"{m}_stderr") if any(r.get(c) is not None for r in rows)]
+    return COLUMNS[:1] + swept + [c for c in COLUMNS[1:] if c not in swept] + bench
 
 
 def markdown(rows: list[dict], title: str, rank_by: str = "") -> str:
@@ -294,13 +323,14 @@ def plot(rows: list[dict], path: Path, title: str, rank_by: str = "") -> None:
         values = sorted({str(r.get(key)) for r in rows}, key=lambda v: (_as_number(v) is None, _as_number(v) or 0, v))
         for r in rows:
             if r.get(metric) is not None:
-                vc.plot(values.index(str(r.get(key))), r[metric], "o", alpha=0.6,
-                        label=job_label(r))
+                vc.errorbar(values.index(str(r.get(key))), r[metric], yerr=r.get(f"{metric}_stderr"), fmt="o",
+                            alpha=0.6, capsize=3, label=job_label(r))
         means = [statistics.fmean([r[metric] for r in rows if str(r.get(key)) == v and r.get(metric) is not None]
                                   or [float("nan")]) for v in values]
         vc.plot(range(len(values)), means, "k-", lw=1, label="mean over seeds")
         vc.set_xticks(range(len(values)))
-        vc.set_xticklabels([f"{key}={v}" for v in values], fontsize=8)
+        vc.set_xticklabels([textwrap.shorten(f"{key}={v}", 40, placeholder="...") if len(v) < 40 else
+                            f"{key}=...{v[-30:]}" for v in values], fontsize=8, rotation=10)
         vc.set_ylabel(metric)
         vc.set_title(f"{metric} by {key}", fontsize=10)
         vc.legend(fontsize=7)

@@ -308,6 +308,7 @@ class BenchmarkOptions:
     seed: int = 1234                       # lm-eval's few-shot sampling and numpy seeds (its default)
     max_length: Optional[int] = None       # tokens a request may hold (longer: cut from the left); None: seq_length
     max_gen_toks: int = 256                # generate_until's default answer length (a task may set its own)
+    gen_kwargs: Dict[str, Any] = field(default_factory=dict)   # over every generative task's (lm-eval's --gen_kwargs)
     log_samples: bool = True               # every request and answer in lm-eval's samples files
 
 

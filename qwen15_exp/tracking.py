@@ -80,7 +80,19 @@ def summary_metrics(result: dict) -> dict[str, float]:
     }
     if out["estimated_tokens_per_s"] and out["tokens_per_s"]:
         out["estimate_over_measured"] = out["estimated_tokens_per_s"] / out["tokens_per_s"]
+    out.update(benchmark_metrics(result))
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def benchmark_metrics(result: dict) -> dict:
+    """lm-eval's metrics as `<task>/<metric>` and `<task>/<metric>_stderr` (MLflow allows no comma: a filter
+    name follows a dot, "gsm8k/exact_match.strict-match")."""
+    out = {}
+    for name, m in ((result.get("benchmark") or {}).get("metrics") or {}).items():
+        key = name.replace(",", ".")
+        out[key] = m.get("value")
+        out[f"{key}_stderr"] = m.get("stderr")
+    return out
 
 
 def _open(tracking: dict, output_root: str, experiment: str):
@@ -139,6 +151,8 @@ def log_job(tracking: dict, output_root: str, experiment: str, run_dir: Path, co
     _log_batch(client, run_id, params=flat_params(config),
                metrics=step_metrics(result) + [(k, v, 0) for k, v in summary_metrics(result).items()])
     _log_files(client, run_id, run_dir, ARTIFACTS)
+    for results in sorted(run_files.lm_eval_dir(run_dir).glob("*/results_*.json")):     # eval.tasks
+        client.log_artifact(run_id, str(results), "lm_eval")
     client.set_terminated(run_id, MLFLOW_STATUS.get(result.get("status"), "FAILED"))
     return run_id
 

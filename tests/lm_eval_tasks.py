@@ -109,6 +109,7 @@ doc_to_target: " {{{{answer}}}}"
 generation_kwargs:
   until: ["\\n"]
   do_sample: false
+  repetition_penalty: 1.0     # the `hf` model would take Qwen1.5-Chat's 1.05 from the export's generation_config
   max_gen_toks: 8
 metric_list:
   - metric: exact_match
