@@ -217,9 +217,29 @@ def summary_of(results: dict, lm, seconds: float, output_dir: Path) -> dict:
     return {"metrics": task_metrics(results),
             "samples": {t: v.get("effective") for t, v in n_samples.items() if isinstance(v, dict)},
             "num_fewshot": results.get("n-shot") or {},
-            "requests": lm.stats["scored_requests"] + lm.stats["generated_requests"],
+            "requests": lm.stats["requests"],
             "forward_passes": lm.stats["forward_passes"], "seconds": round(seconds, 3),
+            "build_s": round(lm.stats["build_s"], 3),
             "requests_per_s": requests_per_second(lm.stats, seconds), "output_dir": str(output_dir)}
+
+
+def run_harness(mf_config: dict, checkpoint: str, spec: dict, run_dir: Path, verbose: bool = False,
+                check_tasks: bool = True) -> dict:
+    """(Check the tasks,) build our model on the run's network and weights, let lm-eval evaluate: the summary
+    (summary_of). The in-process launcher (whose run checked the tasks already) and a plan's worker (whose
+    data is checked where it runs) both call this."""
+    import time
+
+    from qwen15_exp import run_files
+    from qwen15_exp.lm_eval_model import MindFormersLM
+    t0 = time.perf_counter()
+    if check_tasks:
+        load_tasks(spec)
+    lm = MindFormersLM(mf_config, checkpoint, batch_size=spec["batch_size"], max_length=spec["max_length"],
+                       max_gen_toks=spec["max_gen_toks"], tokenizer_dir=spec["tokenizer_dir"] or None)
+    out = run_files.lm_eval_dir(run_dir)
+    results = evaluate(lm, spec, out, verbose)
+    return summary_of(results, lm, time.perf_counter() - t0, out)
 
 
 def spec_file(run_dir: Path) -> Path:

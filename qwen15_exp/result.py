@@ -100,7 +100,8 @@ def benchmark_lines(bench: dict | None, measured: dict) -> list[str]:
     if not bench:
         return []
     lines = [f"  benchmark (lm-evaluation-harness): {bench['requests']:,} requests in {bench['seconds']:.1f} s "
-             f"({bench['requests_per_s'] or 0:,.1f}/s), weights {measured.get('weights', '?')}"]
+             f"({bench['requests_per_s'] or 0:,.1f}/s once the model was built, in {bench.get('build_s', 0):.1f} s), "
+             f"weights {measured.get('weights', '?')}"]
     width = max((len(n) for n in bench["metrics"]), default=0)
     for name, metric in bench["metrics"].items():
         task = name.split("/", 1)[0]

@@ -259,3 +259,29 @@ def test_a_sweep_over_two_checkpoints_reports_the_trained_one_higher(trained):
     better, worse = rows[str(trained["trained"])], rows[str(trained["untrained"])]
     assert float(better["local_mmlu/acc"]) - float(better["local_mmlu/acc_stderr"]) > float(worse["local_mmlu/acc"])
     assert (sweep / "sweep_report.png").stat().st_size > 10_000
+
+
+def test_an_ascend_plan_carries_the_benchmark_to_its_worker_and_checks_data_there(tmp_path):
+    """A cluster's datasets live on the cluster: the plan writes the harness's settings for the worker, which
+    checks the tasks where it runs (mmlu is not downloaded here)."""
+    r = run_cli(["model=7b", "hardware=atlas_800t_a2", "parallel=single", "phase=eval",
+                 "phase.load_checkpoint=/cluster/qwen15_7b.ckpt", "eval.tasks=[mmlu,ceval-valid]", "eval.num_fewshot=5"],
+                tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path)
+    spec = read_json(run_dir / "benchmark.json")
+    assert spec["tasks"] == ["mmlu", "ceval-valid"] and spec["num_fewshot"] == 5 and spec["max_length"] == 4096
+    assert read_json(run_dir / "result.json")["status"] == "planned"
+    r = run_cli(["model=7b", "hardware=atlas_800t_a2", "parallel=dp8", "phase=eval",
+                 "phase.load_checkpoint=/cluster/qwen15_7b.ckpt", "eval.tasks=[mmlu]"], tmp_path / "dp8")
+    assert r.returncode == 2 and "benchmarks on 8 devices" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_worker_a_plan_starts_runs_the_benchmark_as_the_local_run_does(trained):
+    """launch.mode=msrun on this CPU: the worker.py a cluster node runs, reading benchmark.json."""
+    run_dir = ours(trained, "msrun", ["eval.tasks=[local_mmlu]", "eval.limit=6", "launch.mode=msrun"])
+    result = read_json(run_dir / "result.json")
+    assert result["plan"]["launcher"] == "msrun" and result["status"] == "ok"
+    assert result["benchmark"]["samples"] == {"local_mmlu": 6} and result["benchmark"]["requests"] == 24
+    assert len(our_samples(run_dir, "local_mmlu")) == 6

@@ -59,24 +59,21 @@ def run_eval(plan, exp, yaml_path: Path, request) -> Launched:
 
 def run_benchmark(plan, exp, yaml_path: Path, request) -> Launched:
     """eval.tasks through lm-evaluation-harness, our model answering (its files in <run dir>/lm_eval)."""
-    from qwen15_exp import benchmark
+    from qwen15_exp.benchmark import run_harness, spec_of
     from qwen15_exp.console import mindformers_output
-    from qwen15_exp.lm_eval_model import MindFormersLM
-    spec = benchmark.spec_of(exp)
-    t_call = time.perf_counter()
     with in_run_dir(plan.run_dir, {**run_files.mindformers_env(plan.run_dir), **plan.env}), \
             mindformers_output(plan.run_dir):
-        lm = MindFormersLM(plan.mindformers, exp.phase.load_checkpoint, batch_size=spec["batch_size"],
-                           max_length=spec["max_length"], max_gen_toks=spec["max_gen_toks"],
-                           tokenizer_dir=spec["tokenizer_dir"] or None)
-        results = benchmark.evaluate(lm, spec, run_files.lm_eval_dir(plan.run_dir), exp.verbose)
-    seconds = time.perf_counter() - t_call
+        summary = run_harness(plan.mindformers, exp.phase.load_checkpoint, spec_of(exp), plan.run_dir, exp.verbose,
+                              check_tasks=False)      # the run's tasks step did, before the weights
     peak = peak_rss_mb()
-    summary = benchmark.summary_of(results, lm, seconds, run_files.lm_eval_dir(plan.run_dir))
-    return Launched("local", "benchmark", call_s=seconds, peak_rss_mb=peak, benchmark=summary,
-                    figures={"seconds": round(seconds, 3), "requests": summary["requests"],
-                             "requests_per_s": summary["requests_per_s"], "peak_rss_mb": round(peak, 1),
-                             "weights": exp.phase.load_checkpoint or "random (no phase.load_checkpoint)"})
+    return Launched("local", "benchmark", call_s=summary["seconds"], peak_rss_mb=peak, benchmark=summary,
+                    figures=benchmark_figures(summary, exp.phase.load_checkpoint, peak))
+
+
+def benchmark_figures(summary: dict, weights: str, peak_rss_mb: float) -> dict:
+    return {"seconds": summary["seconds"], "requests": summary["requests"],
+            "requests_per_s": summary["requests_per_s"], "peak_rss_mb": round(peak_rss_mb, 1),
+            "weights": weights or "random (no phase.load_checkpoint)"}
 
 
 def run_predict(plan, exp, yaml_path: Path, request) -> Launched:

@@ -282,6 +282,11 @@ def run_msrun(plan, exp, kind: str, request):
     peak = max((r.get("peak_rss_mb", 0.0) for r in ranks), default=0.0)
     if kind == "predict":
         return Launched("msrun", kind, call_s=call_s, peak_rss_mb=peak, **predict_record(exp, ranks))
+    if kind == "benchmark":
+        from qwen15_exp.launch.local import benchmark_figures
+        [summary] = [r["benchmark"] for r in ranks if r.get("benchmark")]
+        return Launched("msrun", kind, call_s=call_s, peak_rss_mb=peak, benchmark=summary,
+                        figures=benchmark_figures(summary, exp.phase.load_checkpoint, peak))
     if kind == "eval":
         from qwen15_exp.launch.local import final_eval
         return Launched("msrun", kind, call_s=call_s, peak_rss_mb=peak,

@@ -160,8 +160,16 @@ def main(argv=None) -> None:
     if config.run_mode == "predict":
         write_json(run_files.rank_record(run_dir, rank), predict(config, run_dir))
         return
-    if config.run_mode == "eval":         # figures in eval_rank<r>.jsonl (mindformers_ext.TokenPerplexity)
-        evaluate(config)
+    if config.run_mode == "eval":
+        from qwen15_exp.benchmark import read_spec
+        spec = read_spec(run_dir)
+        if spec is not None:              # eval.tasks: lm-evaluation-harness on this (one) device
+            from qwen15_exp.benchmark import run_harness
+            summary = run_harness(config, config.load_checkpoint or "", spec, run_dir)
+            write_json(run_files.rank_record(run_dir, rank), {"rank": rank, "benchmark": summary,
+                                                              "peak_rss_mb": round(peak_rss_mb(), 1)})
+            return
+        evaluate(config)                  # figures in eval_rank<r>.jsonl (mindformers_ext.TokenPerplexity)
         return
     from qwen15_exp.lifecycle import StopRequest, stop_on_signals
     from qwen15_exp.mindformers_ext import StepRecorder, StopControl, skip_checkpoint_preload
