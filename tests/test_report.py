@@ -2,7 +2,9 @@
 grouped (mean and spread), settings ranked by a metric, a plot whose legend names the overrides."""
 import csv
 import json
+from pathlib import Path
 
+import pytest
 import yaml
 
 from qwen15_exp.report import write_report
@@ -52,3 +54,31 @@ def test_a_throughput_sweep_keeps_its_ranking_by_measurement(tmp_path):
     write_report(sweep)
     report = (sweep / "sweep_report.md").read_text()
     assert "Settings ranked by" not in report and "| job | parallel |" in report
+
+
+@pytest.mark.slow
+def test_the_learning_rate_sweep_a_new_user_runs_compares_learning_rates_over_seeds(tmp_path):
+    """The sweep of issue 28, run for real: four jobs (two learning rates x two seeds) evaluated every 10 steps on
+    a held-out file."""
+    from helpers import run_cli
+    from qwen15_exp.report import collect, job_label
+    sample = Path(__file__).resolve().parents[1] / "qwen15_exp" / "samples" / "alpaca_sample.json"
+    records = json.loads(sample.read_text())
+    (tmp_path / "my.json").write_text(json.dumps(records[:48], ensure_ascii=False))
+    (tmp_path / "held.json").write_text(json.dumps(records[48:], ensure_ascii=False))
+    r = run_cli(["-m", "data=alpaca", "data.input=my.json", "phase.max_steps=30",
+                 "phase.lr_schedule.learning_rate=2e-3,5e-4", "phase.seed=1,2", "phase.eval.every_steps=10",
+                 "phase.eval.input=held.json"], tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
+    rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
+    assert list(rows[0])[:3] == ["job", "learning_rate", "seed"] and len(rows) == 4
+    report = (sweep / "sweep_report.md").read_text()
+    ranked = report.split("Settings ranked by eval_loss (lower is better")[1].splitlines()[4:6]
+    assert {line.split(" | ")[1] for line in ranked} == {"0.002", "0.0005"} and all(" +- " in line for line in ranked)
+    means = [float(line.split(" | ")[3].split(" +- ")[0]) for line in ranked]     # the eval_loss column
+    assert means == sorted(means)                                             # best (lowest) first
+    labels = [job_label(row) for row in collect(sweep)]
+    assert {lb.split(": ", 1)[1] for lb in labels} == {f"learning_rate={lr} seed={s}" for lr in ("0.002", "0.0005")
+                                                       for s in (1, 2)}
+    assert (sweep / "sweep_report.png").stat().st_size > 10_000

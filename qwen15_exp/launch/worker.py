@@ -146,6 +146,10 @@ def main(argv=None) -> None:
     from qwen15_exp.launch.start import evaluate, peak_rss_mb, start_mindformers, train
 
     config = start_mindformers(yaml_path, **overrides_of(args))
+    if os.environ.get("MS_ROLE") == "MS_SCHED" and not config.get("use_parallel"):
+        # msrun starts a scheduler beside even one worker; without parallel init() it would run the job itself
+        print("scheduler: a one-device job has no cluster to coordinate")
+        return
     if args.train_dataset_dir:
         config.train_dataset.data_loader.dataset_dir = args.train_dataset_dir
         config.train_dataset_task.dataset_config.data_loader.dataset_dir = args.train_dataset_dir
