@@ -26,36 +26,13 @@ from pathlib import Path
 
 from job import scratch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from lm_eval_tasks import task_yaml  # noqa: E402  (the task formats the tests write: MMLU's, rolling)
+
 SHAPES = {"tiny": "tiny", "0_5b": "0_5b"}
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work government number night point "
          "home water room mother area money story fact month lot right study book eye job word business issue").split()
-
-MC_YAML = """task: bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: answer
-metric_list:
-  - metric: acc
-"""
-ROLLING_YAML = """task: bench_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-"""
 
 HF_SIDE = textwrap.dedent("""
     import json, sys, time
@@ -94,9 +71,9 @@ def write_tasks(folder: Path, docs: int) -> Path:
     mc = [{"question": " ".join(rng.choice(WORDS) for _ in range(150)) + "?",
            "choices": [rng.choice(WORDS) for _ in range(4)], "answer": rng.randrange(4)} for _ in range(docs)]
     text = [{"text": " ".join(rng.choice(WORDS) for _ in range(250)) + "."} for _ in range(max(4, docs // 8))]
-    for name, rows, template in (("bench_mc", mc, MC_YAML), ("bench_rolling", text, ROLLING_YAML)):
+    for name, rows, kind in (("bench_mc", mc, "local_mmlu"), ("bench_rolling", text, "local_rolling")):
         (tasks / f"{name}.json").write_text(json.dumps(rows))
-        (tasks / f"{name}.yaml").write_text(template.format(data=json.dumps(str(tasks / f"{name}.json"))))
+        (tasks / f"{name}.yaml").write_text(task_yaml(kind, name, tasks / f"{name}.json"))
     return tasks
 
 
@@ -118,7 +95,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 def bench_shape(work: Path, shape: str, tasks: Path, batch: int, max_length: int) -> dict:
     from qwen15_exp.weights.hf_conversion import write_hf_tokenizer
     model = model_of(shape)
-    hf, ckpt = work / f"hf_{shape}", work / f"{shape}.ckpt"
+    hf, ckpt = work / f"hf_{shape}", work / f"{shape}.safetensors"
     run([sys.executable, "-c", MAKE_HF, json.dumps({"model": model, "out": str(hf)})], work)
     from types import SimpleNamespace
     write_hf_tokenizer(hf, SimpleNamespace(**model))

@@ -44,7 +44,7 @@ def records(n: int = 24, seed: int = 0) -> dict:
 
 
 YAMLS = {
-    "local_mmlu": """task: local_mmlu
+    "local_mmlu": """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -61,7 +61,7 @@ metric_list:
 metadata:
   version: 1.0
 """,
-    "local_ceval": """task: local_ceval
+    "local_ceval": """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -81,7 +81,7 @@ metric_list:
 metadata:
   version: 2.0
 """,
-    "local_rolling": """task: local_rolling
+    "local_rolling": """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -97,7 +97,7 @@ metric_list:
 metadata:
   version: 1.0
 """,
-    "local_gen": """task: local_gen
+    "local_gen": """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -123,6 +123,11 @@ metadata:
 }
 
 
+def task_yaml(kind: str, name: str, data: Path) -> str:
+    """A task YAML of one of the four kinds above (local_mmlu, ...) named `name`, reading the JSON file `data`."""
+    return YAMLS[kind].format(name=name, data=json.dumps(str(data)))
+
+
 def write_tasks(folder: Path, n: int = 24, seed: int = 0) -> Path:
     """Task YAMLs and their JSON data under folder/tasks; returns that folder (eval.include_path)."""
     tasks = Path(folder) / "tasks"
@@ -130,7 +135,7 @@ def write_tasks(folder: Path, n: int = 24, seed: int = 0) -> Path:
     for name, rows in records(n, seed).items():
         data = tasks / f"{name}.json"
         data.write_text(json.dumps(rows, ensure_ascii=False))
-        (tasks / f"{name}.yaml").write_text(YAMLS[name].format(data=json.dumps(str(data))))
+        (tasks / f"{name}.yaml").write_text(task_yaml(name, name, data))
     return tasks
 
 

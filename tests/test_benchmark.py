@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from helpers import make_experiment, only_run_dir, read_json, run_cli
 from lm_eval_tasks import TASK_NAMES, training_text, write_tasks

@@ -135,6 +135,20 @@ def hf_folder_loads_as_people_load_it(folder):
     assert out[0]["generated_text"].startswith("Hello") and len(out[0]["generated_text"]) > len("Hello")
 
 
+@pytest.mark.slow
+def test_a_ckpt_output_is_a_checkpoint_mindspore_loads(tmp_path):
+    """output=<name>.ckpt: MindSpore's save_checkpoint appends .ckpt to a name without it; the temp file of the
+    atomic write must end in .ckpt, or the real file is left empty and the checkpoint lies beside it."""
+    make_hf_model(tmp_path / "hf", VARIANTS["untied"])
+    r = run_cli(["direction=hf2mf", f"input={tmp_path / 'hf'}", f"output={tmp_path / 'mf.ckpt'}", "progress=false"],
+                tmp_path, module="qwen15_exp.convert")
+    assert r.returncode == 0, r.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]       # no checkpoint beside it
+    r = subprocess.run([sys.executable, "-c", "import sys, mindspore as ms; print(len(ms.load_checkpoint(sys.argv[1])))",
+                        str(tmp_path / "mf.ckpt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "27", r.stderr[-2000:]
+
+
 def test_dtype_choice_and_bad_input(tmp_path):
     ids, _ = make_hf_model(tmp_path / "hf", VARIANTS["untied"])
     r = run_cli(["direction=hf2mf", f"input={tmp_path / 'hf'}", f"output={tmp_path / 'mf.safetensors'}", "dtype=bf16",
