@@ -40,8 +40,9 @@ HF_SIDE = textwrap.dedent("""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    # the same rolling windows as ours: <|endoftext|> before each document (a chat export's eos is <|im_end|>)
     lm = HFLM(pretrained=spec["hf"], dtype="float32", batch_size=spec["batch"], device="cpu",
-              max_length=spec["max_length"])
+              max_length=spec["max_length"], prefix_token_id=151643)
     tm = TaskManager(include_path=spec["tasks_dir"])
     t0 = time.perf_counter()
     res = simple_evaluate(model=lm, tasks=spec["tasks"], task_manager=tm, batch_size=spec["batch"],
@@ -82,7 +83,8 @@ def model_of(shape: str) -> dict:
 
     from qwen15_exp.compose import compose_overrides, register, to_experiment
     register()
-    return asdict(to_experiment(compose_overrides([f"model={shape}"])).model)
+    overrides = [f"model={shape}"]
+    return asdict(to_experiment(compose_overrides(overrides), overrides=overrides).model)
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
