@@ -63,15 +63,21 @@ def test_the_chat_template_is_qwen15s_as_transformers_applies_it(tmp_path):
 
 
 def test_loglikelihood_inputs_are_shared_and_cut_as_lm_eval_cuts():
-    from qwen15_exp.lm_eval_model import log_softmax_rows, model_input, shared_inputs
+    from qwen15_exp.lm_eval_model import model_input, shared_inputs, token_logprobs
     assert model_input([1, 2, 3], [4, 5], max_length=3) == [2, 3, 4]        # the hf model's left cut
     assert model_input([1], [2], max_length=8) == [1]
     # MMLU: four one-token answers after one question share one input; a longer input goes first
     reqs = [(None, [1, 2, 3], [9]), (None, [1, 2, 3], [8]), (None, [7, 7, 7, 7], [1]), (None, [1, 2, 3], [7])]
     inputs, which = shared_inputs(reqs)
     assert inputs == [(7, 7, 7, 7), (1, 2, 3)] and which == [1, 1, 0, 1]
-    x = np.array([[1000.0, 1000.0, -1e30]], dtype=np.float32)               # no overflow
-    assert np.allclose(log_softmax_rows(x)[0, :2], -np.log(2)) and log_softmax_rows(x)[0, 2] < -1e29
+    x = np.array([[1000.0, 1000.0, -1e30], [0.0, 1.0, 2.0]], dtype=np.float32)     # no overflow
+    picked, greedy = token_logprobs(x, np.array([1, 0]))
+    assert np.allclose(picked, [-np.log(2), -np.log(1 + np.e + np.e ** 2)]) and list(greedy) == [0, 2]
+    # 151,936 logits: within 1e-6 of float64 (a float32 log_softmax is not)
+    logits = np.random.default_rng(0).normal(0, 4, (3, 151936)).astype(np.float32)
+    exact = logits.astype(np.float64)
+    exact = exact - exact.max(-1, keepdims=True) - np.log(np.exp(exact - exact.max(-1, keepdims=True)).sum(-1))[:, None]
+    assert np.abs(token_logprobs(logits, np.array([5, 6, 7]))[0] - exact[[0, 1, 2], [5, 6, 7]]).max() < 1e-6
 
 
 def test_lm_evals_results_become_named_metrics_with_their_stderr():
