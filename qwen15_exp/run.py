@@ -171,8 +171,9 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
     if exp.resume:
         from qwen15_exp.resume import resume_point
         resume = resume_point(exp, run_dir, layout)
-    if runs_benchmark(exp) and choice.executes:    # the tasks and their data, before any weights or model
-        load_tasks(spec_of(exp))
+    benchmark = spec_of(exp) if runs_benchmark(exp) else None     # here: where the command was typed
+    if benchmark and choice.executes:     # the tasks and their data, before any weights or model
+        load_tasks(benchmark)
     dataset = prepare_dataset(exp, show_progress) if choice.executes else None
     eval_dataset = prepare_eval_dataset(exp, show_progress) if choice.executes else None
     resolve_checkpoint(exp, layout.devices, show_progress)   # a Hugging Face folder: converted once, cached, every launcher
@@ -186,8 +187,8 @@ def plan_and_execute(cfg, run_dir: Path, result: dict, request, process_start: f
             write_text(run_dir / "lite.ini", lite_ini(exp.launch.rank_table))
     elif exp.phase.run_mode == "predict":      # the YAML's processor names tokenizer.json, beside it
         write_predict_files(plan, exp)
-    elif runs_benchmark(exp):                  # the harness's settings, for a plan's worker (and the record)
-        write_json(spec_file(run_dir), spec_of(exp))
+    elif benchmark:                            # the harness's settings, for the launch (a plan's worker too)
+        write_json(spec_file(run_dir), benchmark)
     result.update(hardware_changes={k: [str(a), str(b)] for k, (a, b) in compose.hardware_changes(exp.hardware).items()},
                   training=training_settings(exp))
     result.update(plan=plan.summary(), data=asdict(dataset) if dataset else None, reference=dict(exp.reference),

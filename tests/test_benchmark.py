@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import make_experiment, only_run_dir, read_json, run_cli
-from lm_eval_tasks import TASK_NAMES, training_text, write_tasks
+from lm_eval_tasks import TASK_NAMES, task_yaml, training_text, write_tasks
 from qwen15_exp.validate import validate
 
 TASKS = "eval.tasks=[" + ",".join(TASK_NAMES) + "]"
@@ -251,8 +251,12 @@ def test_the_chat_template_and_few_shot_give_lm_evals_hf_numbers_too(trained):
 @pytest.mark.slow
 def test_a_sweep_over_two_checkpoints_reports_the_trained_one_higher(trained):
     tmp = trained["tmp"] / "sweep"
+    # a task YAML as people write them: its data file relative to where the command is typed
+    (tmp / "my_tasks").mkdir(parents=True)
+    (tmp / "my_tasks" / "local_mmlu.json").write_bytes((trained["tasks"] / "local_mmlu.json").read_bytes())
+    (tmp / "my_tasks" / "local_mmlu.yaml").write_text(task_yaml("local_mmlu", "local_mmlu", "my_tasks/local_mmlu.json"))
     r = run_cli(["-m", "phase=eval", f"phase.load_checkpoint={trained['untrained']},{trained['trained']}",
-                 "eval.tasks=[local_mmlu]", f"eval.include_path=[{trained['tasks']}]"], tmp)
+                 "eval.tasks=[local_mmlu]", "eval.include_path=[my_tasks]"], tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     [sweep] = (tmp / "outputs" / "multirun").glob("*/*")
     report = (sweep / "sweep_report.md").read_text()

@@ -59,11 +59,12 @@ def run_eval(plan, exp, yaml_path: Path, request) -> Launched:
 
 def run_benchmark(plan, exp, yaml_path: Path, request) -> Launched:
     """eval.tasks through lm-evaluation-harness, our model answering (its files in <run dir>/lm_eval)."""
-    from qwen15_exp.benchmark import run_harness, spec_of
+    from qwen15_exp.benchmark import read_spec, run_harness
     from qwen15_exp.console import mindformers_output
+    spec = read_spec(plan.run_dir)        # written where the command was typed (task YAMLs' relative paths)
     with in_run_dir(plan.run_dir, {**run_files.mindformers_env(plan.run_dir), **plan.env}), \
             mindformers_output(plan.run_dir):
-        summary = run_harness(plan.mindformers, exp.phase.load_checkpoint, spec_of(exp), plan.run_dir, exp.verbose,
+        summary = run_harness(plan.mindformers, exp.phase.load_checkpoint, spec, plan.run_dir, exp.verbose,
                               check_tasks=False)      # the run's tasks step did, before the weights
     peak = peak_rss_mb()
     return Launched("local", "benchmark", call_s=summary["seconds"], peak_rss_mb=peak, benchmark=summary,
