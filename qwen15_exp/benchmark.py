@@ -126,7 +126,12 @@ def load_tasks(spec: dict) -> None:
         raise UserError(f"eval.tasks: no task, group or tag {said} in lm-eval's registry"
                         + (f" or eval.include_path={spec['include_path']}" if spec["include_path"] else "")
                         + "; `lm_eval ls tasks` lists them, and your own task YAMLs go in eval.include_path")
-    with in_dir(spec["cwd"]):
+    import logging
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)           # its notes on task YAMLs come again in <run dir>/lm_eval/lm_eval.log
+    with in_dir(spec["cwd"]), contextlib.ExitStack() as restore:
+        restore.callback(log.setLevel, level)
         for name in spec["tasks"]:
             try:
                 tm.load([name])

@@ -28,8 +28,11 @@ def choose_launcher(exp, layout, npus: bool | None = None) -> LaunchChoice:
     if hw.device_target == "CPU":
         if layout.devices > 1 or exp.launch.mode == "msrun":
             return LaunchChoice("msrun", True, f"{layout.devices} CPU workers started by msrun on this machine")
-        what = "generate" if exp.phase.run_mode == "predict" else "Trainer"
-        return LaunchChoice("local", True, f"in-process MindFormers {what} on this machine's CPU")
+        what = {"predict": "MindFormers generate", "eval": "MindFormers Trainer"}.get(exp.phase.run_mode,
+                                                                                     "MindFormers Trainer")
+        if exp.phase.run_mode == "eval" and exp.eval.tasks:
+            what = "lm-evaluation-harness over the MindFormers network"
+        return LaunchChoice("local", True, f"in-process {what} on this machine's CPU")
     if npus_present() if npus is None else npus:
         return LaunchChoice("msrun", True, f"Ascend NPUs present: msrun on {layout.nodes} node(s)")
     return LaunchChoice("plan", False, (f"hardware={hw.name} targets Ascend NPUs and this machine has none "
