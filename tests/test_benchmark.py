@@ -106,29 +106,46 @@ def fake_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["hub dataset", "local file", "unknown task"])
-def test_a_task_whose_data_is_not_here_stops_before_any_model_is_built(tmp_path, case):
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    source = {"hub dataset": "dataset_path: qwen15-exp-tests/not-downloaded\ndataset_name: sub\n",
-              "local file": f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gone.json'}\n",
-              "unknown task": "dataset_path: json\n"}[case]
-    (tasks / "absent.yaml").write_text("task: absent_task\n" + source + "test_split: test\noutput_type: "
-                                       "multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
-    name = "absent_taks" if case == "unknown task" else "absent_task"
-    r = run_cli(["phase=eval", f"phase.load_checkpoint={fake_checkpoint(tmp_path)}", f"eval.tasks=[{name}]",
-                 f"eval.include_path=[{tasks}]"], tmp_path,
-                env={"HF_HOME": str(tmp_path / "hf_home"), "HF_DATASETS_OFFLINE": "", "HF_HUB_OFFLINE": ""})
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    if case == "hub dataset":
-        assert "task 'absent_task' needs dataset qwen15-exp-tests/not-downloaded (config 'sub')" in r.stderr
-        assert "datasets.load_dataset('qwen15-exp-tests/not-downloaded', 'sub')" in r.stderr
-        assert str(tmp_path / "hf_home" / "datasets") in r.stderr and "nothing is fetched at run time" in r.stderr
-    elif case == "local file":
-        assert "task 'absent_task' reads json files" in r.stderr and "gone.json" in r.stderr
-    else:
-        assert "no task, group or tag 'absent_taks'" in r.stderr and "did you mean absent_task" in r.stderr
+ABSENT = {"hub_task": "dataset_path: qwen15-exp-tests/not-downloaded\ndataset_name: sub\n",
+          "file_task": "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {gone}\n"}
+
+
+@pytest.fixture(scope="module")
+def absent_tasks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("absent")
+    (tmp / "tasks").mkdir()
+    for name, source in ABSENT.items():
+        (tmp / "tasks" / f"{name}.yaml").write_text(
+            f"task: {name}\n" + source.format(gone=tmp / "gone.json") + "test_split: test\noutput_type: "
+            "multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
+    return tmp
+
+
+def test_a_task_whose_data_is_not_here_is_named_with_what_to_download_where(absent_tasks, monkeypatch):
+    from qwen15_exp.benchmark import load_tasks
+    from qwen15_exp.errors import UserError
+    monkeypatch.setenv("HF_HOME", str(absent_tasks / "hf_home"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY"):    # load_tasks sets them
+        monkeypatch.setenv(key, os.environ.get(key, "1" if key != "TRANSFORMERS_VERBOSITY" else "error"))
+    said = {}
+    for name in ("hub_task", "file_task", "hub_taks"):
+        with pytest.raises(UserError) as e:
+            load_tasks({"tasks": [name], "include_path": [str(absent_tasks / "tasks")], "cwd": str(absent_tasks)})
+        said[name] = str(e.value)
+    assert "task 'hub_task' needs dataset qwen15-exp-tests/not-downloaded (config 'sub')" in said["hub_task"]
+    assert "datasets.load_dataset('qwen15-exp-tests/not-downloaded', 'sub')" in said["hub_task"]
+    assert str(absent_tasks / "hf_home" / "datasets") in said["hub_task"]
+    assert "nothing is fetched at run time" in said["hub_task"]
+    assert "task 'file_task' reads json files" in said["file_task"] and "gone.json" in said["file_task"]
+    assert "no task, group or tag 'hub_taks'" in said["hub_taks"] and "did you mean hub_task" in said["hub_taks"]
+
+
+def test_a_missing_dataset_exits_2_before_any_weights_or_model(absent_tasks, tmp_path):
+    r = run_cli(["phase=eval", f"phase.load_checkpoint={fake_checkpoint(tmp_path)}", "eval.tasks=[hub_task]",
+                 f"eval.include_path=[{absent_tasks / 'tasks'}]"], tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "task 'hub_task' needs dataset qwen15-exp-tests/not-downloaded" in r.stderr
     [result_file] = (tmp_path / "outputs").rglob("result.json")
     result = read_json(result_file)
     assert result["status"] == "invalid" and not result.get("measured") and not result.get("benchmark")
