@@ -18,6 +18,9 @@ attends to it; right padding never reaches the positions that are scored.
 """
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -73,7 +76,6 @@ class MindFormersLM(TemplateLM):
         self._batch_size, self._max_gen_toks = int(batch_size), int(max_gen_toks)
         self.tok = load_tokenizer(tokenizer_dir or None)
         self._scorer = self._generator = None
-        import sys
         self.progress_file = sys.stderr          # the terminal, even while lm-eval's own output is sent elsewhere
         # lm-eval's requests (a rolling document: one), forward passes, seconds spent building the networks
         self.stats = {"forward_passes": 0, "requests": 0, "build_s": 0.0}
@@ -120,7 +122,6 @@ class MindFormersLM(TemplateLM):
 
     def scorer(self):
         if self._scorer is None:
-            import time
             t0 = time.perf_counter()
             from mindformers import LlamaForCausalLM
 
@@ -134,7 +135,6 @@ class MindFormersLM(TemplateLM):
 
     def generator(self):
         if self._generator is None:
-            import time
             t0 = time.perf_counter()
             from qwen15_exp.launch.generate import Generator
             block = 32
