@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m qwen15_exp $(ARGS)
 
-# The whole suite, as CI runs it (real CPU training, msrun, a Slurm cluster, MLflow): ~25 min on 2 cores.
+# The whole suite, as CI runs it (real CPU training, msrun, a Slurm cluster, MLflow, lm-eval): 25-55 min on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
