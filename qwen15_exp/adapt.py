@@ -58,6 +58,11 @@ def _loss_scale(ls, fp32_compute: bool, notes: list):
             "scale_window": ls.window}
 
 
+def cache_blocks(batch: int, seq_length: int, block_size: int) -> int:
+    """KV-cache blocks for a batch whose every sequence may grow to seq_length, and no more."""
+    return batch * -(-seq_length // block_size)
+
+
 def adapt(exp) -> Adapted:
     ph, hw, sup = exp.phase, exp.hardware, exp.hardware.supports
     name, notes = hw.name, []
@@ -85,7 +90,7 @@ def adapt(exp) -> Adapted:
                      f"{name} exports the full-sequence graph)")
     if cpu_kv_cache:
         # every sequence of a batch may grow to seq_length: the cache holds that, and no more
-        kv_blocks = ph.batch_size * -(-exp.data.seq_length // g.block_size)
+        kv_blocks = cache_blocks(ph.batch_size, exp.data.seq_length, g.block_size)
         notes.append(f"KV cache: MindFormers' paged-attention kernels are Ascend-only; {name} decodes against "
                      f"qwen15_exp's CPU cache (the same block tables and slot mapping; {kv_blocks} blocks of "
                      f"{g.block_size} = batch {ph.batch_size} x seq_length {exp.data.seq_length}); prompts padded to "

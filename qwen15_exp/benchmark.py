@@ -82,8 +82,12 @@ def leaf_tasks(tm, name: str) -> list[str]:
     return [leaf for sub in subs if isinstance(sub, str) for leaf in leaf_tasks(tm, sub)]
 
 
-def dataset_of(tm, task: str) -> str:
-    cfg = (tm.task_index.get(task).cfg if tm.task_index.get(task) else None) or {}
+def task_config(tm, task: str) -> dict:
+    entry = tm.task_index.get(task)
+    return (entry.cfg if entry else None) or {}
+
+
+def dataset_of(cfg: dict) -> str:
     path, name = cfg.get("dataset_path", "?"), cfg.get("dataset_name")
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if files:
@@ -97,17 +101,17 @@ def missing_data(tm, requested: str, error: Exception) -> str:
         try:
             tm.load([leaf])
         except Exception as e:          # noqa: BLE001 - the datasets library raises many kinds; said in full below
-            cfg = (tm.task_index.get(leaf).cfg if tm.task_index.get(leaf) else None) or {}
+            cfg = task_config(tm, leaf)
             head = f"eval.tasks: task {leaf!r}" + (f" (of {requested!r})" if leaf != requested else "")
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if (cfg.get("dataset_kwargs") or {}).get("data_files") or cfg.get("dataset_path") in ("json", "csv",
                                                                                                   "parquet", "text"):
-                return f"{head} reads {dataset_of(tm, leaf)}, which cannot be read here ({reason}); fix the task YAML's data_files"
+                return f"{head} reads {dataset_of(cfg)}, which cannot be read here ({reason}); fix the task YAML's data_files"
             path, name = cfg.get("dataset_path", "?"), cfg.get("dataset_name")
             args = repr(path) + (f", {name!r}" if name else "")
             cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
                 os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets")
-            return (f"{head} needs dataset {dataset_of(tm, leaf)}, which is not in this machine's Hugging Face "
+            return (f"{head} needs dataset {dataset_of(cfg)}, which is not in this machine's Hugging Face "
                     f"cache ({cache}) and nothing is fetched at run time ({reason}). On a machine with internet run "
                     f"`python -c \"import datasets; datasets.load_dataset({args})\"` and copy its "
                     "~/.cache/huggingface (hub and datasets) here, or set HF_HOME / HF_DATASETS_CACHE to where the "

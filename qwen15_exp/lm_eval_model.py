@@ -137,9 +137,10 @@ class MindFormersLM(TemplateLM):
         if self._generator is None:
             t0 = time.perf_counter()
             from qwen15_exp.launch.generate import Generator
+            from qwen15_exp.adapt import cache_blocks
             block = 32
             mc = self._model_config(use_past=True, is_dynamic=True, block_size=block,
-                                    num_blocks=self._batch_size * -(-self._max_length // block))
+                                    num_blocks=cache_blocks(self._batch_size, self._max_length, block))
             config = {**self.mf_config, "model": {**self.mf_config["model"], "model_config": mc}}
             config["postprocess_use_numpy"] = config["context"].get("device_target") == "CPU"
             self._generator = Generator(config, self.checkpoint, quiet=True)

@@ -28,8 +28,7 @@ def choose_launcher(exp, layout, npus: bool | None = None) -> LaunchChoice:
     if hw.device_target == "CPU":
         if layout.devices > 1 or exp.launch.mode == "msrun":
             return LaunchChoice("msrun", True, f"{layout.devices} CPU workers started by msrun on this machine")
-        what = {"predict": "MindFormers generate", "eval": "MindFormers Trainer"}.get(exp.phase.run_mode,
-                                                                                     "MindFormers Trainer")
+        what = "MindFormers generate" if exp.phase.run_mode == "predict" else "MindFormers Trainer"
         if exp.phase.run_mode == "eval" and exp.eval.tasks:
             what = "lm-evaluation-harness over the MindFormers network"
         return LaunchChoice("local", True, f"in-process {what} on this machine's CPU")
